@@ -1,0 +1,194 @@
+package sds
+
+import (
+	"encoding/json"
+	"encoding/pem"
+	"errors"
+	"fmt"
+	"net/http"
+	"time"
+
+	"github.com/meshid/sds-server/bootstrap"
+	"github.com/meshid/sds-server/issuer"
+	"github.com/meshid/sds-server/store"
+)
+
+// DefaultTokenTTL is how long a bootstrap token admits new nodes when the
+// operator does not say.
+const DefaultTokenTTL = 24 * time.Hour
+
+// TokenCreateRequest is the body of POST /v1/tokens.
+type TokenCreateRequest struct {
+	Service string `json:"service"`
+	Env     string `json:"env,omitempty"`
+	// TTL is a Go duration ("24h"); empty means DefaultTokenTTL.
+	TTL  string `json:"ttl,omitempty"`
+	Uses int    `json:"uses,omitempty"`
+}
+
+// TokenInfo is a token record as the admin API shows it: everything but the
+// secret's hash.
+type TokenInfo struct {
+	ID         string    `json:"id"`
+	Service    string    `json:"service"`
+	Env        string    `json:"env"`
+	Status     string    `json:"status"`
+	CreatedAt  time.Time `json:"created_at"`
+	ExpiresAt  time.Time `json:"expires_at"`
+	MaxUses    int       `json:"max_uses"`
+	Uses       int       `json:"uses"`
+	RevokedAt  time.Time `json:"revoked_at,omitzero"`
+	LastUsedAt time.Time `json:"last_used_at,omitzero"`
+}
+
+func (s *Server) tokenInfo(r bootstrap.Record) TokenInfo {
+	return TokenInfo{ID: r.ID, Service: r.Service, Env: r.Env, Status: r.Status(s.now()),
+		CreatedAt: r.CreatedAt, ExpiresAt: r.ExpiresAt, MaxUses: r.MaxUses, Uses: r.Uses,
+		RevokedAt: r.RevokedAt, LastUsedAt: r.LastUsedAt}
+}
+
+// TokenCreateResponse is the answer to POST /v1/tokens: the token text, shown
+// this once and never stored, and its record.
+type TokenCreateResponse struct {
+	Token string    `json:"token"`
+	Info  TokenInfo `json:"info"`
+}
+
+// ErrorResponse is the body of every admin API error.
+type ErrorResponse struct {
+	Error string `json:"error"`
+}
+
+// AdminHandler returns the admin API: HTTP+JSON, served by the caller on a
+// Unix socket only the server's user can open. CLI commands are thin clients
+// of it, so the store keeps a single writer.
+func (s *Server) AdminHandler() http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("POST /v1/tokens", s.handleTokenCreate)
+	mux.HandleFunc("GET /v1/tokens", s.handleTokenList)
+	mux.HandleFunc("POST /v1/tokens/{id}/revoke", s.handleTokenRevoke)
+	mux.HandleFunc("GET /v1/nodes", s.handleNodeList)
+	mux.HandleFunc("GET /v1/nodes/{id}", s.handleNodeGet)
+	mux.HandleFunc("GET /v1/roots", s.handleRoots)
+	return mux
+}
+
+func writeJSON(w http.ResponseWriter, code int, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(code)
+	_ = json.NewEncoder(w).Encode(v)
+}
+
+func writeError(w http.ResponseWriter, code int, err error) {
+	writeJSON(w, code, ErrorResponse{Error: err.Error()})
+}
+
+// errorStatus maps an error to an HTTP status: unknown IDs are 404, the rest
+// is the server's fault and logged.
+func (s *Server) writeErr(w http.ResponseWriter, r *http.Request, err error) {
+	switch {
+	case errors.Is(err, store.ErrNotFound):
+		writeError(w, http.StatusNotFound, err)
+		return
+	case errors.Is(err, bootstrap.ErrInvalidID):
+		writeError(w, http.StatusBadRequest, err)
+		return
+	}
+	s.log.Error("admin request failed", "method", r.Method, "path", r.URL.Path, "error", err)
+	writeError(w, http.StatusInternalServerError, err)
+}
+
+func (s *Server) handleTokenCreate(w http.ResponseWriter, r *http.Request) {
+	var req TokenCreateRequest
+	dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, 1<<16))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&req); err != nil {
+		writeError(w, http.StatusBadRequest, fmt.Errorf("bad request body: %w", err))
+		return
+	}
+	if req.Env == "" {
+		req.Env = "default"
+	}
+	ttl := DefaultTokenTTL
+	if req.TTL != "" {
+		d, err := time.ParseDuration(req.TTL)
+		if err != nil || d <= 0 {
+			writeError(w, http.StatusBadRequest, fmt.Errorf("invalid ttl %q: use a positive duration such as 24h or 30m", req.TTL))
+			return
+		}
+		ttl = d
+	}
+	if err := issuer.ValidateName("service", req.Service); err != nil {
+		writeError(w, http.StatusBadRequest, err)
+		return
+	}
+	if err := issuer.ValidateName("environment", req.Env); err != nil {
+		writeError(w, http.StatusBadRequest, err)
+		return
+	}
+	if req.Uses < 0 {
+		writeError(w, http.StatusBadRequest, fmt.Errorf("invalid uses %d: use 0 (unlimited) or a positive count", req.Uses))
+		return
+	}
+	tok, rec, err := s.cfg.Tokens.Create(r.Context(), bootstrap.CreateOptions{
+		Service: req.Service, Env: req.Env, TTL: ttl, MaxUses: req.Uses,
+	}, s.Roots()[0])
+	if err != nil {
+		s.writeErr(w, r, err)
+		return
+	}
+	s.log.Info("token created", "token_id", rec.ID, "service", rec.Service, "env", rec.Env,
+		"expires_at", rec.ExpiresAt.Format(time.RFC3339), "max_uses", rec.MaxUses)
+	writeJSON(w, http.StatusCreated, TokenCreateResponse{Token: tok, Info: s.tokenInfo(rec)})
+}
+
+func (s *Server) handleTokenList(w http.ResponseWriter, r *http.Request) {
+	recs, err := s.cfg.Tokens.List(r.Context())
+	if err != nil {
+		s.writeErr(w, r, err)
+		return
+	}
+	infos := make([]TokenInfo, 0, len(recs))
+	for _, r := range recs {
+		infos = append(infos, s.tokenInfo(r))
+	}
+	writeJSON(w, http.StatusOK, map[string]any{"tokens": infos})
+}
+
+func (s *Server) handleTokenRevoke(w http.ResponseWriter, r *http.Request) {
+	rec, err := s.cfg.Tokens.Revoke(r.Context(), r.PathValue("id"))
+	if err != nil {
+		s.writeErr(w, r, err)
+		return
+	}
+	s.log.Info("token revoked", "token_id", rec.ID, "service", rec.Service, "env", rec.Env)
+	writeJSON(w, http.StatusOK, s.tokenInfo(rec))
+}
+
+func (s *Server) handleNodeList(w http.ResponseWriter, r *http.Request) {
+	nodes, err := s.NodeList(r.Context())
+	if err != nil {
+		s.writeErr(w, r, err)
+		return
+	}
+	if nodes == nil {
+		nodes = []Node{}
+	}
+	writeJSON(w, http.StatusOK, map[string]any{"nodes": nodes})
+}
+
+func (s *Server) handleNodeGet(w http.ResponseWriter, r *http.Request) {
+	n, err := s.nodes.get(r.Context(), r.PathValue("id"))
+	if err != nil {
+		s.writeErr(w, r, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, n)
+}
+
+func (s *Server) handleRoots(w http.ResponseWriter, _ *http.Request) {
+	w.Header().Set("Content-Type", "application/x-pem-file")
+	for _, c := range s.Roots() {
+		_ = pem.Encode(w, &pem.Block{Type: "CERTIFICATE", Bytes: c.Raw})
+	}
+}

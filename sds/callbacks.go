@@ -1,0 +1,224 @@
+package sds
+
+import (
+	"context"
+	"errors"
+	"strings"
+
+	core "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	discovery "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
+	xdsres "github.com/envoyproxy/go-control-plane/pkg/resource/v3"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/peer"
+	"google.golang.org/grpc/status"
+
+	"github.com/meshid/sds-server/bootstrap"
+)
+
+// refusal is a stream refused for a reason the client can act on.
+type refusal struct {
+	code   codes.Code
+	reason string // metric label; empty when not an authentication failure
+	msg    string
+}
+
+func (r *refusal) Error() string { return r.msg }
+
+// callbacks binds go-control-plane's stream lifecycle to authentication and
+// node identity. They run on each stream's own goroutine.
+type callbacks struct{ s *Server }
+
+func bearerToken(ctx context.Context) string {
+	md, _ := metadata.FromIncomingContext(ctx)
+	for _, v := range md.Get("authorization") {
+		if t, ok := strings.CutPrefix(v, "Bearer "); ok {
+			return strings.TrimSpace(t)
+		}
+		return "" // present but not a bearer token: treated as missing
+	}
+	return ""
+}
+
+func streamKind(typeURL string) string {
+	switch typeURL {
+	case xdsres.AnyType:
+		return "ads"
+	case xdsres.SecretType:
+		return "sds"
+	case xdsres.ExtensionConfigType:
+		return "ecds"
+	}
+	return "other"
+}
+
+// open authenticates a new stream and records it.
+func (c callbacks) open(ctx context.Context, id int64, typeURL, protocol string) error {
+	s := c.s
+	st := &streamState{ctx: ctx, kind: streamKind(typeURL), protocol: protocol, unknown: map[string]bool{}}
+	if p, ok := peer.FromContext(ctx); ok {
+		st.peer = p.Addr.String()
+	}
+	rec, err := s.authenticate(ctx)
+	if err != nil {
+		return c.refuse(st, id, err)
+	}
+	st.token = rec
+	s.mu.Lock()
+	s.streams[id] = st
+	s.mu.Unlock()
+	s.cfg.Metrics.streams.WithLabelValues(st.kind, protocol).Inc()
+	return nil
+}
+
+// refuse turns err into the gRPC status the client sees, logs one line
+// without any secret, and counts it.
+func (c callbacks) refuse(st *streamState, id int64, err error) error {
+	var (
+		code   = codes.Unavailable
+		reason string
+		msg    = err.Error()
+	)
+	var ae *bootstrap.AuthError
+	var rf *refusal
+	switch {
+	case errors.As(err, &ae):
+		code, reason = codes.Unauthenticated, ae.Reason
+		if ae.Denied {
+			code = codes.PermissionDenied
+		}
+	case errors.As(err, &rf):
+		code, reason = rf.code, rf.reason
+	case errors.Is(err, context.Canceled):
+		code = codes.Canceled
+	default:
+		msg = "internal error admitting the stream; see the server log"
+		c.s.log.Error("stream admission failed", "stream_id", id, "peer", st.peer, "error", err)
+	}
+	if reason != "" {
+		c.s.cfg.Metrics.authFailures.WithLabelValues(reason).Inc()
+	}
+	c.s.log.Warn("stream refused", "stream_id", id, "peer", st.peer, "xds_type", st.kind,
+		"token_id", st.token.ID, "code", code.String(), "reason", reason, "message", msg)
+	return status.Error(code, msg)
+}
+
+// request binds the request to the stream's authenticated node: whatever
+// node.id the sidecar claims, the cache only ever sees the node the token
+// admitted.
+func (c callbacks) request(id int64, claimed *core.Node, typeURL string, names []string, nack *string) (*core.Node, error) {
+	s := c.s
+	s.mu.Lock()
+	st := s.streams[id]
+	s.mu.Unlock()
+	if st == nil {
+		return nil, status.Error(codes.Internal, "stream state lost")
+	}
+	if st.node == nil {
+		ln, err := s.admit(st, claimed)
+		if err != nil {
+			return nil, c.refuse(st, id, err)
+		}
+		s.mu.Lock()
+		st.node = ln
+		st.xdsNode = &core.Node{Id: ln.rec.ID, Cluster: ln.rec.Service}
+		ln.streams++
+		if ln.streams == 1 {
+			s.cfg.Metrics.connectedSidecars.Inc()
+		}
+		s.mu.Unlock()
+	}
+	if nack != nil {
+		s.cfg.Metrics.nacks.WithLabelValues(typeURL).Inc()
+		s.log.Warn("envoy rejected a response", "stream_id", id, "node_id", st.node.rec.ID, "type_url", typeURL, "error_detail", *nack)
+	}
+	for _, name := range names {
+		if st.unknown[name] || s.cache.has(st.node.rec.ID, typeURL, name) {
+			continue
+		}
+		if typeURL == xdsres.SecretType {
+			st.unknown[name] = true
+			s.cfg.Metrics.unknownResources.WithLabelValues(typeURL).Inc()
+			s.log.Warn("secret not served to this identity", "stream_id", id, "node_id", st.node.rec.ID,
+				"spiffe_id", st.node.identity.SPIFFEID(), "name", name)
+		}
+	}
+	return st.xdsNode, nil
+}
+
+func (c callbacks) closed(id int64) {
+	s := c.s
+	s.mu.Lock()
+	st := s.streams[id]
+	delete(s.streams, id)
+	if st != nil && st.node != nil {
+		st.node.streams--
+		if st.node.streams == 0 {
+			s.cfg.Metrics.connectedSidecars.Dec()
+		}
+	}
+	s.mu.Unlock()
+	if st != nil {
+		s.cfg.Metrics.streams.WithLabelValues(st.kind, st.protocol).Dec()
+	}
+}
+
+func nackDetail(d interface{ GetMessage() string }, present bool) *string {
+	if !present {
+		return nil
+	}
+	m := d.GetMessage()
+	return &m
+}
+
+// OnStreamOpen implements the server callbacks (state of the world).
+func (c callbacks) OnStreamOpen(ctx context.Context, id int64, typeURL string) error {
+	return c.open(ctx, id, typeURL, "sotw")
+}
+
+// OnStreamClosed implements the server callbacks.
+func (c callbacks) OnStreamClosed(id int64, _ *core.Node) { c.closed(id) }
+
+// OnStreamRequest implements the server callbacks.
+func (c callbacks) OnStreamRequest(id int64, req *discovery.DiscoveryRequest) error {
+	n, err := c.request(id, req.GetNode(), req.GetTypeUrl(), req.GetResourceNames(), nackDetail(req.GetErrorDetail(), req.GetErrorDetail() != nil))
+	if err != nil {
+		return err
+	}
+	req.Node = n
+	return nil
+}
+
+// OnStreamResponse implements the server callbacks.
+func (c callbacks) OnStreamResponse(context.Context, int64, *discovery.DiscoveryRequest, *discovery.DiscoveryResponse) {
+}
+
+// OnDeltaStreamOpen implements the server callbacks (delta).
+func (c callbacks) OnDeltaStreamOpen(ctx context.Context, id int64, typeURL string) error {
+	return c.open(ctx, id, typeURL, "delta")
+}
+
+// OnDeltaStreamClosed implements the server callbacks.
+func (c callbacks) OnDeltaStreamClosed(id int64, _ *core.Node) { c.closed(id) }
+
+// OnStreamDeltaRequest implements the server callbacks.
+func (c callbacks) OnStreamDeltaRequest(id int64, req *discovery.DeltaDiscoveryRequest) error {
+	n, err := c.request(id, req.GetNode(), req.GetTypeUrl(), req.GetResourceNamesSubscribe(), nackDetail(req.GetErrorDetail(), req.GetErrorDetail() != nil))
+	if err != nil {
+		return err
+	}
+	req.Node = n
+	return nil
+}
+
+// OnStreamDeltaResponse implements the server callbacks.
+func (c callbacks) OnStreamDeltaResponse(int64, *discovery.DeltaDiscoveryRequest, *discovery.DeltaDiscoveryResponse) {
+}
+
+// OnFetchRequest refuses REST polling: it carries no stream credential.
+func (c callbacks) OnFetchRequest(context.Context, *discovery.DiscoveryRequest) error {
+	return status.Error(codes.Unimplemented, "REST fetch is not served; use a gRPC xDS stream")
+}
+
+// OnFetchResponse implements the server callbacks.
+func (c callbacks) OnFetchResponse(*discovery.DiscoveryRequest, *discovery.DiscoveryResponse) {}

@@ -1,0 +1,61 @@
+package sds
+
+import (
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// Metrics are the server's Prometheus instruments. They are registered on
+// the registry the caller passes in (no global registry), so tests and
+// several servers in one process do not collide.
+type Metrics struct {
+	streams           *prometheus.GaugeVec
+	certsIssued       *prometheus.CounterVec
+	issueLatency      prometheus.Histogram
+	authFailures      *prometheus.CounterVec
+	nacks             *prometheus.CounterVec
+	unknownResources  *prometheus.CounterVec
+	nodesAdmitted     prometheus.Counter
+	connectedSidecars prometheus.Gauge
+}
+
+// NewMetrics creates the instruments and registers them on reg.
+func NewMetrics(reg prometheus.Registerer) *Metrics {
+	m := &Metrics{
+		streams: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "sds_connected_streams",
+			Help: "Open xDS streams, by service (ads, sds, ecds) and protocol variant (sotw, delta).",
+		}, []string{"xds_type", "protocol"}),
+		certsIssued: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "sds_certificates_issued_total",
+			Help: "Workload certificate issuance attempts, by result (success, failure).",
+		}, []string{"result"}),
+		issueLatency: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name:    "sds_certificate_issuance_duration_seconds",
+			Help:    "Time to generate a key and have the CA sign a workload certificate.",
+			Buckets: prometheus.ExponentialBuckets(0.0005, 2, 16),
+		}),
+		authFailures: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "sds_authentication_failures_total",
+			Help: "xDS streams refused, by reason (missing, malformed, wrong_root, unknown, revoked, expired, exhausted, node_revoked, bad_node).",
+		}, []string{"reason"}),
+		nacks: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "sds_nacks_total",
+			Help: "Responses rejected by Envoy (requests carrying error_detail), by type URL.",
+		}, []string{"type_url"}),
+		unknownResources: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "sds_unknown_resource_requests_total",
+			Help: "Requests for resource names the stream's identity may not receive, by type URL.",
+		}, []string{"type_url"}),
+		nodesAdmitted: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "sds_nodes_admitted_total",
+			Help: "New nodes admitted with a bootstrap token.",
+		}),
+		connectedSidecars: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "sds_connected_nodes",
+			Help: "Nodes with at least one open xDS stream.",
+		}),
+	}
+	reg.MustRegister(m.streams, m.certsIssued, m.issueLatency, m.authFailures, m.nacks,
+		m.unknownResources, m.nodesAdmitted, m.connectedSidecars)
+	return m
+}

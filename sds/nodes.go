@@ -1,0 +1,167 @@
+package sds
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"sort"
+	"sync"
+	"time"
+
+	"github.com/meshid/sds-server/store"
+)
+
+// Buckets of the node registry in the store.
+const (
+	bucketNodes     = "nodes"
+	bucketNodeIndex = "node_index"
+)
+
+// NodeStatus is the lifecycle state of a node.
+type NodeStatus string
+
+// Node statuses.
+const (
+	NodeActive  NodeStatus = "active"
+	NodeRevoked NodeStatus = "revoked"
+)
+
+// Node is the registry record of one admitted sidecar. Its ID is random and
+// assigned by the server at admission; the sidecar's own node.id is kept only
+// to recognise it when it reconnects with the same token.
+type Node struct {
+	ID        string     `json:"id"`
+	Service   string     `json:"service"`
+	Env       string     `json:"env"`
+	TokenID   string     `json:"token_id"`
+	ClaimedID string     `json:"claimed_node_id"`
+	Status    NodeStatus `json:"status"`
+	FirstSeen time.Time  `json:"first_seen"`
+	LastSeen  time.Time  `json:"last_seen"`
+	// IssuedSerial and IssuedNotAfter describe the newest certificate issued.
+	IssuedSerial   string    `json:"issued_serial,omitempty"`
+	IssuedNotAfter time.Time `json:"issued_not_after,omitzero"`
+}
+
+// indexKey identifies a sidecar across reconnections: the token it presents
+// and the node.id it claims. A claimed ID never selects another token's node.
+func indexKey(tokenID, claimedID string) string { return tokenID + "/" + claimedID }
+
+// newNodeID returns a random 80-bit node ID in hex.
+func newNodeID() (string, error) {
+	var b [10]byte
+	if _, err := rand.Read(b[:]); err != nil {
+		return "", fmt.Errorf("generate node ID: %w", err)
+	}
+	return hex.EncodeToString(b[:]), nil
+}
+
+// nodeRegistry persists node records and serialises admission, so that the
+// several streams one Envoy opens at once bind to one node.
+type nodeRegistry struct {
+	kv  store.Store
+	now func() time.Time
+	mu  sync.Mutex // serialises lookup-or-create of index entries
+}
+
+// lookup returns the node a (token, claimed ID) pair was bound to, if any.
+func (r *nodeRegistry) lookup(ctx context.Context, tokenID, claimedID string) (*Node, error) {
+	id, err := r.kv.Get(ctx, bucketNodeIndex, indexKey(tokenID, claimedID))
+	if errors.Is(err, store.ErrNotFound) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("look up node: %w", err)
+	}
+	return r.get(ctx, string(id))
+}
+
+// get returns a node by ID.
+func (r *nodeRegistry) get(ctx context.Context, id string) (*Node, error) {
+	b, err := r.kv.Get(ctx, bucketNodes, id)
+	if err != nil {
+		return nil, fmt.Errorf("node %s: %w", id, err)
+	}
+	var n Node
+	if err := json.Unmarshal(b, &n); err != nil {
+		return nil, fmt.Errorf("node %s: corrupt record: %w", id, err)
+	}
+	return &n, nil
+}
+
+// bind returns the node bound to (tokenID, claimedID), creating it with
+// create if there is none. create runs under the registry lock and may refuse
+// (the token's expiry or use limit); it must not call the CA.
+func (r *nodeRegistry) bind(ctx context.Context, tokenID, claimedID string, create func() (*Node, error)) (*Node, bool, error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	n, err := r.lookup(ctx, tokenID, claimedID)
+	if err != nil || n != nil {
+		return n, false, err
+	}
+	n, err = create()
+	if err != nil {
+		return nil, false, err
+	}
+	if err := r.put(ctx, n); err != nil {
+		return nil, false, err
+	}
+	if err := r.kv.Put(ctx, bucketNodeIndex, indexKey(tokenID, claimedID), []byte(n.ID)); err != nil {
+		return nil, false, fmt.Errorf("index node %s: %w", n.ID, err)
+	}
+	return n, true, nil
+}
+
+func (r *nodeRegistry) put(ctx context.Context, n *Node) error {
+	b, err := json.Marshal(n)
+	if err != nil {
+		return fmt.Errorf("encode node %s: %w", n.ID, err)
+	}
+	if err := r.kv.Put(ctx, bucketNodes, n.ID, b); err != nil {
+		return fmt.Errorf("save node %s: %w", n.ID, err)
+	}
+	return nil
+}
+
+// update applies fn to the stored node atomically and returns the result.
+func (r *nodeRegistry) update(ctx context.Context, id string, fn func(*Node) error) (*Node, error) {
+	var out Node
+	err := r.kv.Update(ctx, bucketNodes, id, func(old []byte) ([]byte, error) {
+		if old == nil {
+			return nil, fmt.Errorf("node %s: %w", id, store.ErrNotFound)
+		}
+		out = Node{}
+		if err := json.Unmarshal(old, &out); err != nil {
+			return nil, fmt.Errorf("node %s: corrupt record: %w", id, err)
+		}
+		if err := fn(&out); err != nil {
+			return nil, err
+		}
+		return json.Marshal(&out)
+	})
+	if err != nil {
+		return nil, err
+	}
+	return &out, nil
+}
+
+// list returns every node, oldest first.
+func (r *nodeRegistry) list(ctx context.Context) ([]Node, error) {
+	var out []Node
+	err := r.kv.List(ctx, bucketNodes, func(key string, value []byte) error {
+		var n Node
+		if err := json.Unmarshal(value, &n); err != nil {
+			return fmt.Errorf("node %s: corrupt record: %w", key, err)
+		}
+		out = append(out, n)
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].FirstSeen.Before(out[j].FirstSeen) })
+	return out, nil
+}
