@@ -1,0 +1,231 @@
+package main
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"github.com/spf13/cobra"
+
+	"github.com/meshid/sds-server/bootstrap"
+	"github.com/meshid/sds-server/issuer/local"
+	"github.com/meshid/sds-server/sds"
+	"github.com/meshid/sds-server/store"
+)
+
+// serverCertTTL is the lifetime of the SDS listener's own certificate; it is
+// renewed in process after two thirds of it.
+const serverCertTTL = 30 * 24 * time.Hour
+
+func newServeCommand() *cobra.Command {
+	cmd := &cobra.Command{
+		Use:   "serve",
+		Short: "Run the SDS server (built-in CA, bbolt state, SDS on 127.0.0.1:8443 by default)",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			cfg, err := loadConfig(cmd)
+			if err != nil {
+				return err
+			}
+			if err := cfg.validate(); err != nil {
+				return err
+			}
+			return serve(cmd.Context(), cfg, cmd.OutOrStdout(), cmd.ErrOrStderr())
+		},
+	}
+	f := cmd.Flags()
+	f.String("listen-addr", "127.0.0.1:8443", "SDS gRPC listen address, TLS (SDS_LISTEN_ADDR)")
+	f.String("metrics-addr", "127.0.0.1:9102", "metrics and health listen address; empty disables (SDS_METRICS_ADDR)")
+	f.Duration("cert-ttl", time.Hour, "workload certificate lifetime (SDS_CERT_TTL)")
+	f.Bool("allow-short-ttl", false, "allow cert-ttl under 5m: tests and demos only (SDS_ALLOW_SHORT_TTL)")
+	f.String("policy-dir", "", "ACL policy directory (SDS_POLICY_DIR; default <data-dir>/policies)")
+	f.StringSlice("server-names", []string{"localhost", "127.0.0.1", "::1"}, "DNS names and IPs in the SDS server certificate (SDS_SERVER_NAMES)")
+	return cmd
+}
+
+func newLogger(w io.Writer, level string) (*slog.Logger, error) {
+	var l slog.Level
+	if err := l.UnmarshalText([]byte(level)); err != nil {
+		return nil, fmt.Errorf("log_level %q: use debug, info, warn or error", level)
+	}
+	return slog.New(slog.NewTextHandler(w, &slog.HandlerOptions{Level: l})), nil
+}
+
+// prepareDataDir creates the data directory (0700) or checks the existing one.
+func prepareDataDir(dir string) error {
+	fi, err := os.Stat(dir)
+	switch {
+	case errors.Is(err, os.ErrNotExist):
+		if err := os.MkdirAll(dir, 0o700); err != nil {
+			return fmt.Errorf("create data dir %s: %w", dir, err)
+		}
+		return nil
+	case err != nil:
+		return fmt.Errorf("data dir %s: %w", dir, err)
+	case !fi.IsDir():
+		return fmt.Errorf("data dir %s: not a directory", dir)
+	}
+	f, err := os.Open(dir)
+	if err != nil {
+		return fmt.Errorf("data dir %s: %w", dir, err)
+	}
+	_, err = f.Readdirnames(1)
+	f.Close()
+	if err != nil && !errors.Is(err, io.EOF) {
+		return fmt.Errorf("data dir %s: %w", dir, err)
+	}
+	return nil
+}
+
+func serve(ctx context.Context, cfg *config, stdout, stderr io.Writer) error {
+	log, err := newLogger(stderr, cfg.LogLevel)
+	if err != nil {
+		return err
+	}
+	if err := prepareDataDir(cfg.DataDir); err != nil {
+		return err
+	}
+	kv, err := store.OpenBolt(filepath.Join(cfg.DataDir, "state.db"))
+	if err != nil {
+		return err
+	}
+	defer kv.Close()
+	ca, err := local.Open(ctx, filepath.Join(cfg.DataDir, "ca"), local.Options{
+		TrustDomain: cfg.TrustDomain, AllowShortTTL: cfg.AllowShortTTL,
+	})
+	if err != nil {
+		return err
+	}
+
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	srv, err := sds.New(ctx, sds.Config{
+		TrustDomain: cfg.TrustDomain,
+		CertTTL:     cfg.CertTTL,
+		Issuer:      ca,
+		Tokens:      bootstrap.NewRegistry(kv, time.Now),
+		Store:       kv,
+		Metrics:     sds.NewMetrics(reg),
+		Logger:      log,
+	})
+	if err != nil {
+		return err
+	}
+	servingCert, err := sds.NewServingCert(func() (tls.Certificate, error) {
+		return ca.ServerCertificate(cfg.ServerNames, serverCertTTL)
+	}, nil)
+	if err != nil {
+		return err
+	}
+
+	sdsLis, err := net.Listen("tcp", cfg.ListenAddr)
+	if err != nil {
+		return fmt.Errorf("listen_addr %s: %w", cfg.ListenAddr, err)
+	}
+	adminLis, err := listenUnix(cfg.AdminSocket)
+	if err != nil {
+		sdsLis.Close()
+		return err
+	}
+	var metricsLis net.Listener
+	if cfg.MetricsAddr != "" {
+		if metricsLis, err = net.Listen("tcp", cfg.MetricsAddr); err != nil {
+			sdsLis.Close()
+			adminLis.Close()
+			return fmt.Errorf("metrics_addr %s: %w", cfg.MetricsAddr, err)
+		}
+	}
+
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	errc := make(chan error, 3)
+	go func() { errc <- srv.Serve(ctx, sdsLis, servingCert.TLSConfig()) }()
+	go func() { errc <- serveHTTP(ctx, adminLis, srv.AdminHandler()) }()
+	running := 2
+	if metricsLis != nil {
+		mux := http.NewServeMux()
+		mux.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg}))
+		mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) { fmt.Fprintln(w, "ok") })
+		mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, r *http.Request) {
+			if err := srv.Ready(r.Context()); err != nil {
+				http.Error(w, "not ready: "+err.Error(), http.StatusServiceUnavailable)
+				return
+			}
+			fmt.Fprintln(w, "ready")
+		})
+		go func() { errc <- serveHTTP(ctx, metricsLis, mux) }()
+		running++
+	}
+
+	fmt.Fprintf(stdout, "sds-server %s serving\n  sds:     %s (TLS, trust domain %s)\n  admin:   %s\n", version, sdsLis.Addr(), cfg.TrustDomain, cfg.AdminSocket)
+	if metricsLis != nil {
+		fmt.Fprintf(stdout, "  metrics: http://%s/metrics (health: /healthz, /readyz)\n", metricsLis.Addr())
+	}
+	fmt.Fprintf(stdout, "  data:    %s (CA in %s)\n", cfg.DataDir, filepath.Join(cfg.DataDir, "ca"))
+	log.Info("serving", "listen_addr", sdsLis.Addr().String(), "metrics_addr", cfg.MetricsAddr, "admin_socket", cfg.AdminSocket, "data_dir", cfg.DataDir)
+
+	var firstErr error
+	for i := 0; i < running; i++ {
+		if err := <-errc; err != nil && firstErr == nil {
+			firstErr = err
+			cancel()
+		}
+		cancel()
+	}
+	_ = os.Remove(cfg.AdminSocket)
+	log.Info("stopped")
+	return firstErr
+}
+
+// listenUnix listens on the admin socket, readable and writable by the
+// server's user only. A stale socket left by a crash is replaced; a live one
+// means another server owns this data dir.
+func listenUnix(path string) (net.Listener, error) {
+	if c, err := net.DialTimeout("unix", path, 200*time.Millisecond); err == nil {
+		c.Close()
+		return nil, fmt.Errorf("admin socket %s is in use: is another sds-server running on this data dir?", path)
+	}
+	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return nil, fmt.Errorf("admin socket %s: %w", path, err)
+	}
+	if len(path) > 104 && !strings.HasPrefix(path, "@") {
+		return nil, fmt.Errorf("admin socket path %s is too long for a Unix socket (%d bytes); set admin_socket to a shorter path", path, len(path))
+	}
+	old := syscallUmask(0o177)
+	lis, err := net.Listen("unix", path)
+	syscallUmask(old)
+	if err != nil {
+		return nil, fmt.Errorf("admin socket %s: %w", path, err)
+	}
+	if err := os.Chmod(path, 0o600); err != nil {
+		lis.Close()
+		return nil, fmt.Errorf("admin socket %s: %w", path, err)
+	}
+	return lis, nil
+}
+
+func serveHTTP(ctx context.Context, lis net.Listener, h http.Handler) error {
+	srv := &http.Server{Handler: h, ReadHeaderTimeout: 10 * time.Second}
+	go func() {
+		<-ctx.Done()
+		sctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
+		defer cancel()
+		_ = srv.Shutdown(sctx)
+	}()
+	if err := srv.Serve(lis); err != nil && !errors.Is(err, http.ErrServerClosed) {
+		return err
+	}
+	return nil
+}

@@ -1,0 +1,139 @@
+package main
+
+import (
+	"fmt"
+	"text/tabwriter"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/meshid/sds-server/sds"
+)
+
+func newTokenCommand() *cobra.Command {
+	cmd := &cobra.Command{
+		Use:   "token",
+		Short: "Create, list and revoke bootstrap tokens (through the running server's admin API)",
+		Args:  cobra.NoArgs,
+	}
+	create := &cobra.Command{
+		Use:   "create --service S [--env E] [--ttl D] [--uses N]",
+		Short: "Create a bootstrap token; prints the token alone on stdout, details on stderr",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			service, _ := cmd.Flags().GetString("service")
+			env, _ := cmd.Flags().GetString("env")
+			ttl, _ := cmd.Flags().GetDuration("ttl")
+			uses, _ := cmd.Flags().GetInt("uses")
+			if service == "" {
+				return usageError{fmt.Errorf("--service is required")}
+			}
+			c, err := newAdminClient(cmd)
+			if err != nil {
+				return err
+			}
+			var out sds.TokenCreateResponse
+			req := sds.TokenCreateRequest{Service: service, Env: env, TTL: ttl.String(), Uses: uses}
+			if err := c.do(cmd.Context(), "POST", "/v1/tokens", req, &out); err != nil {
+				return err
+			}
+			fmt.Fprintln(cmd.OutOrStdout(), out.Token)
+			uses2 := "unlimited uses"
+			if out.Info.MaxUses > 0 {
+				uses2 = fmt.Sprintf("%d use(s)", out.Info.MaxUses)
+			}
+			fmt.Fprintf(cmd.ErrOrStderr(), "token %s for %s/%s, expires %s, %s; it is shown only this once\n",
+				out.Info.ID, out.Info.Env, out.Info.Service, out.Info.ExpiresAt.Format(time.RFC3339), uses2)
+			return nil
+		},
+	}
+	create.Flags().String("service", "", "service the token admits nodes as (required)")
+	create.Flags().String("env", "default", "environment of the service")
+	create.Flags().Duration("ttl", sds.DefaultTokenTTL, "how long the token admits new nodes")
+	create.Flags().Int("uses", 0, "how many nodes the token may admit; 0 = unlimited")
+
+	list := &cobra.Command{
+		Use:   "list",
+		Short: "List bootstrap tokens (never their secrets)",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			c, err := newAdminClient(cmd)
+			if err != nil {
+				return err
+			}
+			var out struct {
+				Tokens []sds.TokenInfo `json:"tokens"`
+			}
+			if err := c.do(cmd.Context(), "GET", "/v1/tokens", nil, &out); err != nil {
+				return err
+			}
+			tw := tabwriter.NewWriter(cmd.OutOrStdout(), 2, 4, 2, ' ', 0)
+			fmt.Fprintln(tw, "ID\tIDENTITY\tSTATUS\tUSES\tEXPIRES")
+			for _, t := range out.Tokens {
+				uses := fmt.Sprintf("%d", t.Uses)
+				if t.MaxUses > 0 {
+					uses = fmt.Sprintf("%d/%d", t.Uses, t.MaxUses)
+				}
+				fmt.Fprintf(tw, "%s\t%s/%s\t%s\t%s\t%s\n", t.ID, t.Env, t.Service, t.Status, uses, t.ExpiresAt.Format(time.RFC3339))
+			}
+			return tw.Flush()
+		},
+	}
+	revoke := &cobra.Command{
+		Use:   "revoke ID",
+		Short: "Revoke a bootstrap token: it admits and authenticates nothing from now on",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			c, err := newAdminClient(cmd)
+			if err != nil {
+				return err
+			}
+			var out sds.TokenInfo
+			if err := c.do(cmd.Context(), "POST", "/v1/tokens/"+args[0]+"/revoke", nil, &out); err != nil {
+				return err
+			}
+			fmt.Fprintf(cmd.ErrOrStderr(), "token %s (%s/%s) revoked\n", out.ID, out.Env, out.Service)
+			return nil
+		},
+	}
+	cmd.AddCommand(create, list, revoke)
+	return cmd
+}
+
+func newNodeCommand() *cobra.Command {
+	cmd := &cobra.Command{
+		Use:   "node",
+		Short: "Inspect admitted nodes (through the running server's admin API)",
+		Args:  cobra.NoArgs,
+	}
+	list := &cobra.Command{
+		Use:   "list",
+		Short: "List nodes: id, identity, status, certificate expiry, last seen",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			c, err := newAdminClient(cmd)
+			if err != nil {
+				return err
+			}
+			var out struct {
+				Nodes []sds.Node `json:"nodes"`
+			}
+			if err := c.do(cmd.Context(), "GET", "/v1/nodes", nil, &out); err != nil {
+				return err
+			}
+			tw := tabwriter.NewWriter(cmd.OutOrStdout(), 2, 4, 2, ' ', 0)
+			fmt.Fprintln(tw, "ID\tIDENTITY\tSTATUS\tCERT EXPIRES IN\tLAST SEEN")
+			now := time.Now()
+			for _, n := range out.Nodes {
+				exp := "-"
+				if !n.IssuedNotAfter.IsZero() {
+					exp = n.IssuedNotAfter.Sub(now).Round(time.Second).String()
+				}
+				fmt.Fprintf(tw, "%s\t%s/%s\t%s\t%s\t%s\n", n.ID, n.Env, n.Service, n.Status, exp, n.LastSeen.Format(time.RFC3339))
+			}
+			return tw.Flush()
+		},
+	}
+	cmd.AddCommand(list)
+	return cmd
+}
