@@ -68,39 +68,9 @@ func TestMeshIdentity(t *testing.T) {
 	srv := startServer(t, bin)
 	dir := t.TempDir()
 
-	tokFrontend := strings.TrimSpace(srv.cli(t, "token", "create", "--service", "frontend"))
-	tokBackend := strings.TrimSpace(srv.cli(t, "token", "create", "--service", "backend"))
-
-	backendApp := startApp(t, "backend")
-	frontendApp := startApp(t, "frontend")
-	beIn, feIn, feOut := freePort(t), freePort(t), freePort(t)
-	beAdmin, feAdmin := fmt.Sprintf("127.0.0.1:%d", freePort(t)), fmt.Sprintf("127.0.0.1:%d", freePort(t))
-
-	beCfg, feCfg := filepath.Join(dir, "backend.yaml"), filepath.Join(dir, "frontend.yaml")
-	srv.cli(t, "bootstrap", "envoy", "--server", srv.addr, "--token", tokBackend,
-		"--service-port", fmt.Sprint(backendApp.port), "--listen", fmt.Sprintf("127.0.0.1:%d", beIn),
-		"--admin", beAdmin, "--node-id", "backend-1", "-o", beCfg)
-	srv.cli(t, "bootstrap", "envoy", "--server", srv.addr, "--token", tokFrontend,
-		"--service-port", fmt.Sprint(frontendApp.port), "--listen", fmt.Sprintf("127.0.0.1:%d", feIn),
-		"--admin", feAdmin, "--node-id", "frontend-1",
-		"--upstream", fmt.Sprintf("backend=backend@127.0.0.1:%d,%d", beIn, feOut), "-o", feCfg)
-
-	for _, cfg := range []string{beCfg, feCfg} {
-		fi, err := os.Stat(cfg)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if fi.Mode().Perm() != 0o600 {
-			t.Errorf("%s: mode %v, want 0600 (it holds the token)", cfg, fi.Mode().Perm())
-		}
-		out, err := exec.Command(envoyBin, "--mode", "validate", "-c", cfg).CombinedOutput()
-		if err != nil {
-			t.Fatalf("envoy --mode validate %s: %v\n%s", cfg, err, tail(string(out), 20))
-		}
-	}
-
-	startEnvoy(t, envoyBin, "backend", beCfg, beAdmin)
-	startEnvoy(t, envoyBin, "frontend", feCfg, feAdmin)
+	m := startMesh(t, srv, envoyBin)
+	backendApp, beIn, feOut := m.backendApp, m.beIn, m.feOut
+	tokFrontend := m.tokFrontend
 
 	// frontend -> backend through the mesh.
 	var body string
@@ -262,4 +232,52 @@ func checkServedCertificate(t *testing.T, srv *server, addr, service, env string
 	if err != nil || !strings.Contains(string(out), ": OK") {
 		t.Fatalf("openssl verify: %v\n%s", err, out)
 	}
+}
+
+// mesh is a frontend and a backend sidecar, each in front of a test app;
+// the frontend reaches the backend through its outbound listener feOut.
+type mesh struct {
+	tokFrontend, tokBackend string
+	backendApp, frontendApp *app
+	beIn, feIn, feOut       int
+	backend, frontend       *envoy
+}
+
+// startMesh creates tokens, generates and validates both bootstraps (with
+// extra bootstrap flags) and starts both sidecars.
+func startMesh(t *testing.T, srv *server, envoyBin string, extra ...string) *mesh {
+	t.Helper()
+	dir := t.TempDir()
+	m := &mesh{
+		tokFrontend: strings.TrimSpace(srv.cli(t, "token", "create", "--service", "frontend")),
+		tokBackend:  strings.TrimSpace(srv.cli(t, "token", "create", "--service", "backend")),
+		backendApp:  startApp(t, "backend"),
+		frontendApp: startApp(t, "frontend"),
+		beIn:        freePort(t), feIn: freePort(t), feOut: freePort(t),
+	}
+	beAdmin, feAdmin := fmt.Sprintf("127.0.0.1:%d", freePort(t)), fmt.Sprintf("127.0.0.1:%d", freePort(t))
+	beCfg, feCfg := filepath.Join(dir, "backend.yaml"), filepath.Join(dir, "frontend.yaml")
+	srv.cli(t, append([]string{"bootstrap", "envoy", "--server", srv.addr, "--token", m.tokBackend,
+		"--service-port", fmt.Sprint(m.backendApp.port), "--listen", fmt.Sprintf("127.0.0.1:%d", m.beIn),
+		"--admin", beAdmin, "--node-id", "backend-1", "-o", beCfg}, extra...)...)
+	srv.cli(t, append([]string{"bootstrap", "envoy", "--server", srv.addr, "--token", m.tokFrontend,
+		"--service-port", fmt.Sprint(m.frontendApp.port), "--listen", fmt.Sprintf("127.0.0.1:%d", m.feIn),
+		"--admin", feAdmin, "--node-id", "frontend-1",
+		"--upstream", fmt.Sprintf("backend=backend@127.0.0.1:%d,%d", m.beIn, m.feOut), "-o", feCfg}, extra...)...)
+	for _, cfg := range []string{beCfg, feCfg} {
+		fi, err := os.Stat(cfg)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if fi.Mode().Perm() != 0o600 {
+			t.Errorf("%s: mode %v, want 0600 (it holds the token)", cfg, fi.Mode().Perm())
+		}
+		out, err := exec.Command(envoyBin, "--mode", "validate", "-c", cfg).CombinedOutput()
+		if err != nil {
+			t.Fatalf("envoy --mode validate %s: %v\n%s", cfg, err, tail(string(out), 20))
+		}
+	}
+	m.backend = startEnvoy(t, envoyBin, "backend", beCfg, beAdmin)
+	m.frontend = startEnvoy(t, envoyBin, "frontend", feCfg, feAdmin)
+	return m
 }

@@ -12,6 +12,7 @@ import (
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/peer"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/types/known/anypb"
 
 	"github.com/meshid/sds-server/bootstrap"
 )
@@ -106,7 +107,13 @@ func (c callbacks) refuse(st *streamState, id int64, err error) error {
 // request binds the request to the stream's authenticated node: whatever
 // node.id the sidecar claims, the cache only ever sees the node the token
 // admitted.
-func (c callbacks) request(id int64, claimed *core.Node, typeURL string, names []string, nack *string) (*core.Node, error) {
+func (s *Server) stream(id int64) *streamState {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.streams[id]
+}
+
+func (c callbacks) request(id int64, claimed *core.Node, typeURL string, names []string, nonce string, nack *string) (*core.Node, error) {
 	s := c.s
 	s.mu.Lock()
 	st := s.streams[id]
@@ -127,6 +134,17 @@ func (c callbacks) request(id int64, claimed *core.Node, typeURL string, names [
 			s.cfg.Metrics.connectedSidecars.Inc()
 		}
 		s.mu.Unlock()
+	}
+	if nonce != "" {
+		for i, p := range st.pending {
+			if p.nonce == nonce {
+				if nack == nil {
+					s.markServing(st.node, p.cs)
+				}
+				st.pending = st.pending[i+1:]
+				break
+			}
+		}
 	}
 	if nack != nil {
 		s.cfg.Metrics.nacks.WithLabelValues(typeURL).Inc()
@@ -181,7 +199,7 @@ func (c callbacks) OnStreamClosed(id int64, _ *core.Node) { c.closed(id) }
 
 // OnStreamRequest implements the server callbacks.
 func (c callbacks) OnStreamRequest(id int64, req *discovery.DiscoveryRequest) error {
-	n, err := c.request(id, req.GetNode(), req.GetTypeUrl(), req.GetResourceNames(), nackDetail(req.GetErrorDetail(), req.GetErrorDetail() != nil))
+	n, err := c.request(id, req.GetNode(), req.GetTypeUrl(), req.GetResourceNames(), req.GetResponseNonce(), nackDetail(req.GetErrorDetail(), req.GetErrorDetail() != nil))
 	if err != nil {
 		return err
 	}
@@ -189,8 +207,40 @@ func (c callbacks) OnStreamRequest(id int64, req *discovery.DiscoveryRequest) er
 	return nil
 }
 
-// OnStreamResponse implements the server callbacks.
-func (c callbacks) OnStreamResponse(context.Context, int64, *discovery.DiscoveryRequest, *discovery.DiscoveryResponse) {
+// OnStreamResponse implements the server callbacks: it remembers which
+// certificate a response carries, to learn from the ACK what Envoy loaded.
+func (c callbacks) OnStreamResponse(_ context.Context, id int64, _ *discovery.DiscoveryRequest, resp *discovery.DiscoveryResponse) {
+	c.sent(id, resp.GetNonce(), resp.GetResources())
+}
+
+// sent records the certificate carried by a response with nonce, if any.
+func (c callbacks) sent(id int64, nonce string, anys []*anypb.Any) {
+	st := c.s.stream(id)
+	if st == nil || st.node == nil {
+		return
+	}
+	cur := st.node.cur.Load()
+	if cur == nil {
+		return
+	}
+	for _, a := range anys {
+		if cs := cur.issuedBy(a); cs != nil {
+			if len(st.pending) >= maxPending {
+				st.pending = st.pending[1:]
+			}
+			st.pending = append(st.pending, sentCert{nonce: nonce, cs: cs})
+			return
+		}
+	}
+}
+
+// maxPending bounds the unacknowledged responses remembered per stream.
+const maxPending = 8
+
+// sentCert is a response carrying a certificate, awaiting Envoy's ACK.
+type sentCert struct {
+	nonce string
+	cs    *certState
 }
 
 // OnDeltaStreamOpen implements the server callbacks (delta).
@@ -203,7 +253,7 @@ func (c callbacks) OnDeltaStreamClosed(id int64, _ *core.Node) { c.closed(id) }
 
 // OnStreamDeltaRequest implements the server callbacks.
 func (c callbacks) OnStreamDeltaRequest(id int64, req *discovery.DeltaDiscoveryRequest) error {
-	n, err := c.request(id, req.GetNode(), req.GetTypeUrl(), req.GetResourceNamesSubscribe(), nackDetail(req.GetErrorDetail(), req.GetErrorDetail() != nil))
+	n, err := c.request(id, req.GetNode(), req.GetTypeUrl(), req.GetResourceNamesSubscribe(), req.GetResponseNonce(), nackDetail(req.GetErrorDetail(), req.GetErrorDetail() != nil))
 	if err != nil {
 		return err
 	}
@@ -212,7 +262,12 @@ func (c callbacks) OnStreamDeltaRequest(id int64, req *discovery.DeltaDiscoveryR
 }
 
 // OnStreamDeltaResponse implements the server callbacks.
-func (c callbacks) OnStreamDeltaResponse(int64, *discovery.DeltaDiscoveryRequest, *discovery.DeltaDiscoveryResponse) {
+func (c callbacks) OnStreamDeltaResponse(id int64, _ *discovery.DeltaDiscoveryRequest, resp *discovery.DeltaDiscoveryResponse) {
+	anys := make([]*anypb.Any, 0, len(resp.GetResources()))
+	for _, r := range resp.GetResources() {
+		anys = append(anys, r.GetResource())
+	}
+	c.sent(id, resp.GetNonce(), anys)
 }
 
 // OnFetchRequest refuses REST polling: it carries no stream credential.

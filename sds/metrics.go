@@ -1,6 +1,8 @@
 package sds
 
 import (
+	"fmt"
+
 	"github.com/prometheus/client_golang/prometheus"
 )
 
@@ -16,6 +18,7 @@ type Metrics struct {
 	unknownResources  *prometheus.CounterVec
 	nodesAdmitted     prometheus.Counter
 	connectedSidecars prometheus.Gauge
+	reg               prometheus.Registerer
 }
 
 // NewMetrics creates the instruments and registers them on reg.
@@ -55,7 +58,32 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 			Help: "Nodes with at least one open xDS stream.",
 		}),
 	}
+	m.reg = reg
 	reg.MustRegister(m.streams, m.certsIssued, m.issueLatency, m.authFailures, m.nacks,
 		m.unknownResources, m.nodesAdmitted, m.connectedSidecars)
 	return m
+}
+
+// registerServer adds the gauges computed from a server's state at scrape
+// time.
+func (m *Metrics) registerServer(s *Server) error {
+	for _, c := range []prometheus.Collector{
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "sds_nodes_serving_stale_certificate",
+			Help: "Connected nodes whose certificate loaded by Envoy is past 90% of its life (renewed but still serving the old one, or renewal failing).",
+		}, func() float64 { return float64(s.nodesServingStale()) }),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "sds_nodes_renewal_failing",
+			Help: "Connected nodes whose last certificate renewal failed (retrying with backoff).",
+		}, func() float64 { return float64(s.nodesRenewalFailing()) }),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "sds_renewals_scheduled",
+			Help: "Certificate renewals waiting in the scheduler.",
+		}, func() float64 { return float64(s.sched.len()) }),
+	} {
+		if err := m.reg.Register(c); err != nil {
+			return fmt.Errorf("register metrics: %w", err)
+		}
+	}
+	return nil
 }

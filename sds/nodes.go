@@ -44,6 +44,10 @@ type Node struct {
 	// IssuedSerial and IssuedNotAfter describe the newest certificate issued.
 	IssuedSerial   string    `json:"issued_serial,omitempty"`
 	IssuedNotAfter time.Time `json:"issued_not_after,omitzero"`
+	// ServingSerial and ServingNotAfter describe the certificate Envoy last
+	// acknowledged: what the sidecar actually serves.
+	ServingSerial   string    `json:"serving_serial,omitempty"`
+	ServingNotAfter time.Time `json:"serving_not_after,omitzero"`
 }
 
 // indexKey identifies a sidecar across reconnections: the token it presents

@@ -19,6 +19,7 @@ import (
 	"log/slog"
 	"net"
 	"net/url"
+	"runtime"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -34,6 +35,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/keepalive"
+	"google.golang.org/protobuf/types/known/anypb"
 
 	"github.com/meshid/sds-server/bootstrap"
 	"github.com/meshid/sds-server/issuer"
@@ -58,6 +60,17 @@ type Config struct {
 	Store   store.Store
 	Metrics *Metrics
 	Logger  *slog.Logger
+	// RenewWindow is where in a certificate's life it is renewed; zero
+	// means DefaultRenewWindow.
+	RenewWindow RenewWindow
+	// IssueTimeout bounds one issuance (key generation and CA call); zero
+	// means 15 s.
+	IssueTimeout time.Duration
+	// RenewWorkers is how many renewals run at once; zero means 2×CPUs.
+	RenewWorkers int
+	// RootsRefresh is how often the trust bundle is re-read from the
+	// issuer; zero means one minute.
+	RootsRefresh time.Duration
 	// Now is the clock; nil means time.Now.
 	Now func() time.Time
 }
@@ -70,6 +83,8 @@ type Server struct {
 	cache *resourceCache
 	xds   serverv3.Server
 	nodes *nodeRegistry
+	sched *scheduler
+	draw  *spreader
 
 	rootCA atomic.Pointer[rootBundle]
 
@@ -94,18 +109,52 @@ type streamState struct {
 	node     *liveNode
 	xdsNode  *core.Node
 	unknown  map[string]bool // names already reported as not served
+	pending  []sentCert      // responses carrying a certificate, not yet ACKed
 }
 
-// liveNode is a node with its in-memory state: current certificate and open
-// streams. Its mutex serialises issuance for the node only; no lock shared by
-// several nodes is held across a CA call.
+// liveNode is a node with its in-memory state: current certificate, open
+// streams, renewal schedule and what Envoy loaded. Its mutex serialises
+// issuance for the node only; no lock shared by several nodes is held across
+// a CA call.
 type liveNode struct {
 	rec      Node
 	identity issuer.Identity
 
-	mu      sync.Mutex
+	mu  sync.Mutex // serialises issuance
+	cur atomic.Pointer[certState]
+
+	streams int // guarded by Server.mu
+
+	due       time.Time // guarded by scheduler.mu
+	heapIndex int       // position in the scheduler's heap, -1 if not scheduled
+
+	hmu      sync.Mutex // guards the renewal health and serving fields
+	failures int        // consecutive failed renewals
+	lastErr  string
+	serving  *certState // the certificate Envoy last ACKed
+}
+
+// certState is one issued certificate with the encoded secrets carrying it.
+// It is immutable once published.
+type certState struct {
 	cert    *issuer.Certificate
-	streams int
+	serial  string
+	renewAt time.Time
+	secrets []*resource // default and the SPIFFE alias
+	prev    *certState  // the previous generation, to attribute late ACKs
+}
+
+// issuedBy returns the certificate generation (current or previous) whose
+// secret is a, if any.
+func (c *certState) issuedBy(a *anypb.Any) *certState {
+	for cs := c; cs != nil; cs = cs.prev {
+		for _, r := range cs.secrets {
+			if r.any == a {
+				return cs
+			}
+		}
+	}
+	return nil
 }
 
 // New creates a Server and loads the issuer's trust bundle.
@@ -125,6 +174,21 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 	if cfg.Now == nil {
 		cfg.Now = time.Now
 	}
+	if cfg.RenewWindow == (RenewWindow{}) {
+		cfg.RenewWindow = DefaultRenewWindow
+	}
+	if err := cfg.RenewWindow.Validate(); err != nil {
+		return nil, err
+	}
+	if cfg.IssueTimeout <= 0 {
+		cfg.IssueTimeout = 15 * time.Second
+	}
+	if cfg.RenewWorkers <= 0 {
+		cfg.RenewWorkers = 2 * runtime.GOMAXPROCS(0)
+	}
+	if cfg.RootsRefresh <= 0 {
+		cfg.RootsRefresh = time.Minute
+	}
 	s := &Server{
 		cfg:     cfg,
 		log:     cfg.Logger,
@@ -133,12 +197,38 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 		nodes:   &nodeRegistry{kv: cfg.Store, now: cfg.Now},
 		streams: make(map[int64]*streamState),
 		live:    make(map[string]*liveNode),
+		draw:    newSpreader(),
 	}
+	s.sched = newScheduler(cfg.Now, s.renew)
 	if err := s.RefreshRoots(ctx); err != nil {
 		return nil, err
 	}
+	if err := cfg.Metrics.registerServer(s); err != nil {
+		return nil, err
+	}
 	s.xds = serverv3.NewServer(ctx, s.cache, callbacks{s})
+	go s.sched.run(ctx, cfg.RenewWorkers)
+	go s.refreshRootsLoop(ctx)
 	return s, nil
+}
+
+// refreshRootsLoop re-reads the trust bundle periodically, so a root added
+// or removed in the issuer reaches every sidecar as a new ROOTCA.
+func (s *Server) refreshRootsLoop(ctx context.Context) {
+	t := time.NewTicker(s.cfg.RootsRefresh)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+			rctx, cancel := context.WithTimeout(ctx, s.cfg.IssueTimeout)
+			if err := s.RefreshRoots(rctx); err != nil {
+				s.log.Warn("trust bundle refresh failed; keeping the current one", "error", err)
+			}
+			cancel()
+		}
+	}
 }
 
 // Roots returns the current trust bundle; the first root is the one new
@@ -272,7 +362,7 @@ func (s *Server) liveNodeFor(rec *Node) *liveNode {
 	defer s.mu.Unlock()
 	ln := s.live[rec.ID]
 	if ln == nil {
-		ln = &liveNode{rec: *rec, identity: issuer.Identity{
+		ln = &liveNode{rec: *rec, heapIndex: -1, identity: issuer.Identity{
 			TrustDomain: s.cfg.TrustDomain, Env: rec.Env, Service: rec.Service, NodeID: rec.ID,
 		}}
 		s.live[rec.ID] = ln
@@ -286,22 +376,72 @@ func (s *Server) liveNodeFor(rec *Node) *liveNode {
 const reuseFraction = 0.2
 
 // ensureCertificate issues a certificate for the node unless it holds one
-// with more than reuseFraction of its life left.
+// with more than reuseFraction of its life left, which a reconnecting
+// sidecar gets again; either way the node's renewal is scheduled.
 func (s *Server) ensureCertificate(ctx context.Context, ln *liveNode) error {
 	ln.mu.Lock()
 	defer ln.mu.Unlock()
-	if c := ln.cert; c != nil && c.Leaf.NotAfter.Sub(s.now()) > time.Duration(float64(c.TTL)*reuseFraction) {
+	if cs := ln.cur.Load(); cs != nil && cs.cert.Leaf.NotAfter.Sub(s.now()) > time.Duration(float64(cs.cert.TTL)*reuseFraction) {
+		if _, ok := s.sched.scheduled(ln); !ok {
+			s.sched.schedule(ln, cs.renewAt)
+		}
 		return nil
 	}
-	return s.issueLocked(ctx, ln)
+	ictx, cancel := context.WithTimeout(ctx, s.cfg.IssueTimeout)
+	defer cancel()
+	return s.issueLocked(ictx, ln)
 }
 
-// issueLocked generates a key, has the issuer sign it and publishes the new
-// secrets to the node's streams. ln.mu is held: it guards only this node.
+// renew is the scheduler's job for a node whose renewal is due. A node with
+// no open stream is dropped from the schedule: when it reconnects it gets its
+// current certificate if enough of it is left, else a fresh one.
+func (s *Server) renew(ctx context.Context, ln *liveNode) {
+	s.mu.Lock()
+	connected := ln.streams > 0
+	s.mu.Unlock()
+	if !connected {
+		return
+	}
+	ln.mu.Lock()
+	defer ln.mu.Unlock()
+	ln.hmu.Lock()
+	failing := ln.failures > 0
+	ln.hmu.Unlock()
+	if cs := ln.cur.Load(); cs != nil && !failing && cs.renewAt.After(s.now()) {
+		s.sched.schedule(ln, cs.renewAt) // renewed meanwhile (reconnection)
+		return
+	}
+	ictx, cancel := context.WithTimeout(ctx, s.cfg.IssueTimeout)
+	err := s.issueLocked(ictx, ln)
+	cancel()
+	if err == nil || ctx.Err() != nil {
+		return
+	}
+	ln.hmu.Lock()
+	ln.failures++
+	ln.lastErr = err.Error()
+	attempt := ln.failures
+	ln.hmu.Unlock()
+	delay := retryDelay(attempt)
+	s.sched.schedule(ln, s.now().Add(delay))
+	var expires time.Time
+	if cs := ln.cur.Load(); cs != nil {
+		expires = cs.cert.Leaf.NotAfter
+	}
+	s.log.Warn("certificate renewal failed; keeping the current certificate", "node_id", ln.identity.NodeID,
+		"attempt", attempt, "retry_in", delay.Round(time.Millisecond), "expires_at", expires.UTC().Format(time.RFC3339), "error", err)
+}
+
+// issueLocked generates a key, has the issuer sign it, publishes the new
+// secrets to every open stream of the node and schedules the next renewal.
+// ln.mu is held: it guards only this node.
 func (s *Server) issueLocked(ctx context.Context, ln *liveNode) error {
 	start := time.Now()
 	cert, keyPEM, err := s.mint(ctx, ln.identity)
 	s.cfg.Metrics.issueLatency.Observe(time.Since(start).Seconds())
+	if err == nil {
+		err = checkFresh(cert, s.now())
+	}
 	if err != nil {
 		s.cfg.Metrics.certsIssued.WithLabelValues("failure").Inc()
 		s.log.Error("certificate issuance failed", "node_id", ln.identity.NodeID, "service", ln.identity.Service, "env", ln.identity.Env, "error", err)
@@ -317,11 +457,25 @@ func (s *Server) issueLocked(ctx context.Context, ln *liveNode) error {
 	if err != nil {
 		return err
 	}
-	ln.cert = cert
+	serial := serialHex(cert.Leaf)
+	// The secret's version is the certificate serial: readable in Envoy's
+	// config dump and what ACKs are matched against.
+	def.version, alias.version = serial, serial
+	cs := &certState{
+		cert: cert, serial: serial, secrets: []*resource{def, alias},
+		renewAt: s.cfg.RenewWindow.renewAt(cert.IssuedAt, cert.TTL, s.draw.next()),
+	}
+	if old := ln.cur.Load(); old != nil {
+		cs.prev = &certState{cert: old.cert, serial: old.serial, renewAt: old.renewAt, secrets: old.secrets}
+	}
+	ln.cur.Store(cs)
+	ln.hmu.Lock()
+	ln.failures, ln.lastErr = 0, ""
+	ln.hmu.Unlock()
 	s.cache.set(ln.identity.NodeID, xdsres.SecretType, map[string]*resource{
 		SecretDefault: def, spiffeID: alias, SecretRootCA: s.rootCA.Load().res,
 	})
-	serial := serialHex(cert.Leaf)
+	s.sched.schedule(ln, cs.renewAt)
 	if _, err := s.nodes.update(ctx, ln.identity.NodeID, func(n *Node) error {
 		n.IssuedSerial, n.IssuedNotAfter = serial, cert.Leaf.NotAfter.UTC()
 		n.LastSeen = s.now().UTC()
@@ -330,8 +484,43 @@ func (s *Server) issueLocked(ctx context.Context, ln *liveNode) error {
 		s.log.Warn("could not record issued certificate", "node_id", ln.identity.NodeID, "error", err)
 	}
 	s.log.Info("certificate issued", "node_id", ln.identity.NodeID, "spiffe_id", spiffeID, "serial", serial,
-		"not_after", cert.Leaf.NotAfter.UTC().Format(time.RFC3339), "duration", time.Since(start))
+		"not_after", cert.Leaf.NotAfter.UTC().Format(time.RFC3339), "renew_at", cs.renewAt.UTC().Format(time.RFC3339Nano),
+		"duration", time.Since(start))
 	return nil
+}
+
+// checkFresh refuses a certificate that is expired or not yet valid, so a
+// misbehaving issuer can never make us push one.
+func checkFresh(c *issuer.Certificate, now time.Time) error {
+	switch {
+	case c == nil || c.Leaf == nil || len(c.ChainPEM) == 0:
+		return errors.New("issuer returned an empty certificate")
+	case !now.Before(c.Leaf.NotAfter):
+		return fmt.Errorf("issuer returned a certificate that expired at %s", c.Leaf.NotAfter.UTC().Format(time.RFC3339))
+	case now.Add(issuer.Backdate).Before(c.Leaf.NotBefore):
+		return fmt.Errorf("issuer returned a certificate valid only from %s", c.Leaf.NotBefore.UTC().Format(time.RFC3339))
+	case c.TTL <= 0:
+		return errors.New("issuer returned a certificate without a lifetime")
+	}
+	return nil
+}
+
+// markServing records that Envoy ACKed a response carrying cs.
+func (s *Server) markServing(ln *liveNode, cs *certState) {
+	ln.hmu.Lock()
+	changed := ln.serving != cs
+	ln.serving = cs
+	ln.hmu.Unlock()
+	if !changed {
+		return
+	}
+	s.log.Info("envoy loaded certificate", "node_id", ln.identity.NodeID, "serial", cs.serial)
+	if _, err := s.nodes.update(context.Background(), ln.identity.NodeID, func(n *Node) error {
+		n.ServingSerial, n.ServingNotAfter = cs.serial, cs.cert.Leaf.NotAfter.UTC()
+		return nil
+	}); err != nil {
+		s.log.Warn("could not record serving certificate", "node_id", ln.identity.NodeID, "error", err)
+	}
 }
 
 // mint creates a P-256 key and a CSR for id and has the issuer sign it.
@@ -377,11 +566,72 @@ func serialHex(c *x509.Certificate) string { return fmt.Sprintf("%x", c.SerialNu
 // NodeList returns every node in the registry, oldest first.
 func (s *Server) NodeList(ctx context.Context) ([]Node, error) { return s.nodes.list(ctx) }
 
-// Ready reports whether the server can serve: it has a trust bundle.
-// (Renewal health joins it with the rotation scheduler.)
+// Ready reports whether the server can serve: it has a trust bundle, and no
+// connected node is within 10 % of its certificate's expiry while its
+// renewal keeps failing.
 func (s *Server) Ready(context.Context) error {
 	if b := s.rootCA.Load(); b == nil || len(b.roots) == 0 {
 		return errors.New("no trust bundle loaded")
 	}
+	if n := s.nodesAtRisk(); n > 0 {
+		return fmt.Errorf("%d node(s) within 10%% of certificate expiry with renewal failing", n)
+	}
 	return nil
+}
+
+// connectedNodes returns the nodes with at least one open stream.
+func (s *Server) connectedNodes() []*liveNode {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	out := make([]*liveNode, 0, len(s.live))
+	for _, ln := range s.live {
+		if ln.streams > 0 {
+			out = append(out, ln)
+		}
+	}
+	return out
+}
+
+// nodesAtRisk counts connected nodes within 10 % of expiry whose renewal is
+// failing.
+func (s *Server) nodesAtRisk() int {
+	now, n := s.now(), 0
+	for _, ln := range s.connectedNodes() {
+		cs := ln.cur.Load()
+		ln.hmu.Lock()
+		failing := ln.failures > 0
+		ln.hmu.Unlock()
+		if failing && cs != nil && cs.cert.Leaf.NotAfter.Sub(now) < cs.cert.TTL/10 {
+			n++
+		}
+	}
+	return n
+}
+
+// nodesServingStale counts connected nodes whose loaded certificate is past
+// 90 % of its life: renewed (or not) but Envoy still serves the old one.
+func (s *Server) nodesServingStale() int {
+	now, n := s.now(), 0
+	for _, ln := range s.connectedNodes() {
+		ln.hmu.Lock()
+		cs := ln.serving
+		ln.hmu.Unlock()
+		if cs != nil && cs.cert.Leaf.NotAfter.Sub(now) < cs.cert.TTL/10 {
+			n++
+		}
+	}
+	return n
+}
+
+// nodesRenewalFailing counts connected nodes whose last renewal failed.
+func (s *Server) nodesRenewalFailing() int {
+	n := 0
+	for _, ln := range s.connectedNodes() {
+		ln.hmu.Lock()
+		if ln.failures > 0 {
+			n++
+		}
+		ln.hmu.Unlock()
+	}
+	return n
 }

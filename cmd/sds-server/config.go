@@ -12,6 +12,7 @@ import (
 	"github.com/spf13/viper"
 
 	"github.com/meshid/sds-server/issuer"
+	"github.com/meshid/sds-server/sds"
 )
 
 // config is the server configuration. Keys (file key / SDS_* env / flag) are
@@ -24,6 +25,7 @@ type config struct {
 	TrustDomain   string        `mapstructure:"trust_domain"`
 	CertTTL       time.Duration `mapstructure:"cert_ttl"`
 	AllowShortTTL bool          `mapstructure:"allow_short_ttl"`
+	RenewWindow   string        `mapstructure:"renew_window"`
 	PolicyDir     string        `mapstructure:"policy_dir"`
 	// ServerNames are the DNS names and IPs in the SDS listener's certificate.
 	ServerNames []string `mapstructure:"server_names"`
@@ -40,6 +42,7 @@ var defaults = map[string]any{
 	"trust_domain":    "mesh.local",
 	"cert_ttl":        issuer.DefaultTTL,
 	"allow_short_ttl": false,
+	"renew_window":    "0.5-0.8",
 	"policy_dir":      "", // <data_dir>/policies
 	"server_names":    []string{"localhost", "127.0.0.1", "::1"},
 	"log_level":       "info",
@@ -54,6 +57,7 @@ var flagKeys = map[string]string{
 	"trust-domain":    "trust_domain",
 	"cert-ttl":        "cert_ttl",
 	"allow-short-ttl": "allow_short_ttl",
+	"renew-window":    "renew_window",
 	"policy-dir":      "policy_dir",
 	"server-names":    "server_names",
 	"log-level":       "log_level",
@@ -120,6 +124,9 @@ func (c *config) validate() error {
 	}
 	if err := issuer.ValidateTTL(c.CertTTL, c.AllowShortTTL); err != nil {
 		return fmt.Errorf("cert_ttl: %w", err)
+	}
+	if _, err := sds.ParseRenewWindow(c.RenewWindow); err != nil {
+		return err
 	}
 	if c.ListenAddr == "" {
 		return errors.New("listen_addr is empty")

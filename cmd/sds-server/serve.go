@@ -49,6 +49,7 @@ func newServeCommand() *cobra.Command {
 	f.String("listen-addr", "127.0.0.1:8443", "SDS gRPC listen address, TLS (SDS_LISTEN_ADDR)")
 	f.String("metrics-addr", "127.0.0.1:9102", "metrics and health listen address; empty disables (SDS_METRICS_ADDR)")
 	f.Duration("cert-ttl", time.Hour, "workload certificate lifetime (SDS_CERT_TTL)")
+	f.String("renew-window", "0.5-0.8", "renew certificates at a random point in this part of their life (SDS_RENEW_WINDOW)")
 	f.Bool("allow-short-ttl", false, "allow cert-ttl under 5m: tests and demos only (SDS_ALLOW_SHORT_TTL)")
 	f.String("policy-dir", "", "ACL policy directory (SDS_POLICY_DIR; default <data-dir>/policies)")
 	f.StringSlice("server-names", []string{"localhost", "127.0.0.1", "::1"}, "DNS names and IPs in the SDS server certificate (SDS_SERVER_NAMES)")
@@ -109,11 +110,16 @@ func serve(ctx context.Context, cfg *config, stdout, stderr io.Writer) error {
 		return err
 	}
 
+	window, err := sds.ParseRenewWindow(cfg.RenewWindow)
+	if err != nil {
+		return err
+	}
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	srv, err := sds.New(ctx, sds.Config{
 		TrustDomain: cfg.TrustDomain,
 		CertTTL:     cfg.CertTTL,
+		RenewWindow: window,
 		Issuer:      ca,
 		Tokens:      bootstrap.NewRegistry(kv, time.Now),
 		Store:       kv,
