@@ -165,16 +165,51 @@ func (s *Server) handleTokenRevoke(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, http.StatusOK, s.tokenInfo(rec))
 }
 
+// NodeInfo is a node as the admin API shows it: the stored record and, for
+// a node this server has seen since it started, its live state.
+type NodeInfo struct {
+	Node
+	// Streams is the number of open xDS streams.
+	Streams int `json:"streams"`
+	// RenewAt is when the current certificate is due for renewal.
+	RenewAt time.Time `json:"renew_at,omitzero"`
+	// RenewalFailures counts consecutive failed renewals; LastError is the
+	// last one's reason.
+	RenewalFailures int    `json:"renewal_failures,omitempty"`
+	LastError       string `json:"last_error,omitempty"`
+}
+
+func (s *Server) nodeInfo(n Node) NodeInfo {
+	info := NodeInfo{Node: n}
+	s.mu.Lock()
+	ln := s.live[n.ID]
+	if ln != nil {
+		info.Streams = ln.streams
+	}
+	s.mu.Unlock()
+	if ln == nil {
+		return info
+	}
+	if at, ok := s.sched.scheduled(ln); ok {
+		info.RenewAt = at.UTC()
+	}
+	ln.hmu.Lock()
+	info.RenewalFailures, info.LastError = ln.failures, ln.lastErr
+	ln.hmu.Unlock()
+	return info
+}
+
 func (s *Server) handleNodeList(w http.ResponseWriter, r *http.Request) {
 	nodes, err := s.NodeList(r.Context())
 	if err != nil {
 		s.writeErr(w, r, err)
 		return
 	}
-	if nodes == nil {
-		nodes = []Node{}
+	infos := make([]NodeInfo, 0, len(nodes))
+	for _, n := range nodes {
+		infos = append(infos, s.nodeInfo(n))
 	}
-	writeJSON(w, http.StatusOK, map[string]any{"nodes": nodes})
+	writeJSON(w, http.StatusOK, map[string]any{"nodes": infos})
 }
 
 func (s *Server) handleNodeGet(w http.ResponseWriter, r *http.Request) {
@@ -183,7 +218,7 @@ func (s *Server) handleNodeGet(w http.ResponseWriter, r *http.Request) {
 		s.writeErr(w, r, err)
 		return
 	}
-	writeJSON(w, http.StatusOK, n)
+	writeJSON(w, http.StatusOK, s.nodeInfo(*n))
 }
 
 func (s *Server) handleRoots(w http.ResponseWriter, _ *http.Request) {

@@ -1,7 +1,10 @@
 package main
 
 import (
+	"bytes"
+	"encoding/json"
 	"fmt"
+	"net/url"
 	"text/tabwriter"
 	"time"
 
@@ -89,7 +92,7 @@ func newTokenCommand() *cobra.Command {
 				return err
 			}
 			var out sds.TokenInfo
-			if err := c.do(cmd.Context(), "POST", "/v1/tokens/"+args[0]+"/revoke", nil, &out); err != nil {
+			if err := c.do(cmd.Context(), "POST", "/v1/tokens/"+url.PathEscape(args[0])+"/revoke", nil, &out); err != nil {
 				return err
 			}
 			fmt.Fprintf(cmd.ErrOrStderr(), "token %s (%s/%s) revoked\n", out.ID, out.Env, out.Service)
@@ -116,7 +119,7 @@ func newNodeCommand() *cobra.Command {
 				return err
 			}
 			var out struct {
-				Nodes []sds.Node `json:"nodes"`
+				Nodes []sds.NodeInfo `json:"nodes"`
 			}
 			if err := c.do(cmd.Context(), "GET", "/v1/nodes", nil, &out); err != nil {
 				return err
@@ -134,6 +137,28 @@ func newNodeCommand() *cobra.Command {
 			return tw.Flush()
 		},
 	}
-	cmd.AddCommand(list)
+	show := &cobra.Command{
+		Use:   "show ID",
+		Short: "Show one node as JSON: identity, issued and serving certificate, renewal state",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			c, err := newAdminClient(cmd)
+			if err != nil {
+				return err
+			}
+			var out json.RawMessage
+			if err := c.do(cmd.Context(), "GET", "/v1/nodes/"+url.PathEscape(args[0]), nil, &out); err != nil {
+				return err
+			}
+			var buf bytes.Buffer
+			if err := json.Indent(&buf, out, "", "  "); err != nil {
+				return err
+			}
+			buf.WriteByte('\n')
+			_, err = cmd.OutOrStdout().Write(buf.Bytes())
+			return err
+		},
+	}
+	cmd.AddCommand(list, show)
 	return cmd
 }
