@@ -86,6 +86,13 @@ func newRootCommand(stdout, stderr io.Writer) *cobra.Command {
 	)
 	// Argument-count mistakes are usage errors too.
 	for _, c := range allCommands(root) {
+		// Cobra skips the Args check of a command that cannot run and
+		// prints its help with status 0, so `sds-server frobnicate` used to
+		// "succeed". Command groups run to show their help, and an unknown
+		// subcommand fails their NoArgs check below: a usage error.
+		if !c.Runnable() {
+			c.RunE = func(cmd *cobra.Command, _ []string) error { return cmd.Help() }
+		}
 		if c.Args != nil {
 			args := c.Args
 			c.Args = func(cmd *cobra.Command, a []string) error {
