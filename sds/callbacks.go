@@ -33,8 +33,9 @@ type callbacks struct{ s *Server }
 func bearerToken(ctx context.Context) string {
 	md, _ := metadata.FromIncomingContext(ctx)
 	for _, v := range md.Get("authorization") {
-		if t, ok := strings.CutPrefix(v, "Bearer "); ok {
-			return strings.TrimSpace(t)
+		// The scheme is case-insensitive (RFC 7235).
+		if len(v) > 7 && strings.EqualFold(v[:7], "Bearer ") {
+			return strings.TrimSpace(v[7:])
 		}
 		return "" // present but not a bearer token: treated as missing
 	}
@@ -243,17 +244,23 @@ type sentCert struct {
 	cs    *certState
 }
 
+// deltaStreamID maps a delta stream's ID to its key in Server.streams.
+// go-control-plane numbers SotW and delta streams with two separate counters,
+// both starting at 1, so the raw IDs collide: delta streams are keyed by the
+// negated ID, SotW streams by the ID itself.
+func deltaStreamID(id int64) int64 { return -id }
+
 // OnDeltaStreamOpen implements the server callbacks (delta).
 func (c callbacks) OnDeltaStreamOpen(ctx context.Context, id int64, typeURL string) error {
-	return c.open(ctx, id, typeURL, "delta")
+	return c.open(ctx, deltaStreamID(id), typeURL, "delta")
 }
 
 // OnDeltaStreamClosed implements the server callbacks.
-func (c callbacks) OnDeltaStreamClosed(id int64, _ *core.Node) { c.closed(id) }
+func (c callbacks) OnDeltaStreamClosed(id int64, _ *core.Node) { c.closed(deltaStreamID(id)) }
 
 // OnStreamDeltaRequest implements the server callbacks.
 func (c callbacks) OnStreamDeltaRequest(id int64, req *discovery.DeltaDiscoveryRequest) error {
-	n, err := c.request(id, req.GetNode(), req.GetTypeUrl(), req.GetResourceNamesSubscribe(), req.GetResponseNonce(), nackDetail(req.GetErrorDetail(), req.GetErrorDetail() != nil))
+	n, err := c.request(deltaStreamID(id), req.GetNode(), req.GetTypeUrl(), req.GetResourceNamesSubscribe(), req.GetResponseNonce(), nackDetail(req.GetErrorDetail(), req.GetErrorDetail() != nil))
 	if err != nil {
 		return err
 	}
@@ -267,7 +274,7 @@ func (c callbacks) OnStreamDeltaResponse(id int64, _ *discovery.DeltaDiscoveryRe
 	for _, r := range resp.GetResources() {
 		anys = append(anys, r.GetResource())
 	}
-	c.sent(id, resp.GetNonce(), anys)
+	c.sent(deltaStreamID(id), resp.GetNonce(), anys)
 }
 
 // OnFetchRequest refuses REST polling: it carries no stream credential.
