@@ -8,6 +8,7 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
+	"math/big"
 	"regexp"
 	"time"
 )
@@ -130,4 +131,28 @@ type Issuer interface {
 	// Roots returns every root currently trusted by the mesh (the trust
 	// bundle). Never empty on success.
 	Roots(ctx context.Context) ([]*x509.Certificate, error)
+}
+
+// RevokedCertificate is one entry of a certificate revocation list.
+type RevokedCertificate struct {
+	SerialNumber *big.Int
+	RevokedAt    time.Time
+}
+
+// CRL is a signed certificate revocation list.
+type CRL struct {
+	// PEM is the list as a PEM "X509 CRL" block, what Envoy's validation
+	// context takes.
+	PEM []byte
+	// ThisUpdate and NextUpdate bound its validity: past NextUpdate a peer
+	// may refuse every certificate, so it must be replaced before then.
+	ThisUpdate, NextUpdate time.Time
+}
+
+// CRLSigner is implemented by issuers that sign revocation lists for the
+// certificates they issued (the CA that signed the leaves signs the list).
+type CRLSigner interface {
+	// SignCRL signs a list with the given number (increasing with every
+	// list) holding revoked, valid from thisUpdate to nextUpdate.
+	SignCRL(ctx context.Context, number *big.Int, revoked []RevokedCertificate, thisUpdate, nextUpdate time.Time) (*CRL, error)
 }

@@ -69,6 +69,7 @@ func (s *Server) AdminHandler() http.Handler {
 	mux.HandleFunc("POST /v1/tokens/{id}/revoke", s.handleTokenRevoke)
 	mux.HandleFunc("GET /v1/nodes", s.handleNodeList)
 	mux.HandleFunc("GET /v1/nodes/{id}", s.handleNodeGet)
+	mux.HandleFunc("POST /v1/nodes/{id}/revoke", s.handleNodeRevoke)
 	mux.HandleFunc("GET /v1/roots", s.handleRoots)
 	return mux
 }
@@ -155,14 +156,61 @@ func (s *Server) handleTokenList(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, http.StatusOK, map[string]any{"tokens": infos})
 }
 
+// TokenRevokeResponse is the answer to POST /v1/tokens/{id}/revoke.
+type TokenRevokeResponse struct {
+	TokenInfo
+	// RevokedNodes lists the nodes revoked with the token
+	// (?revoke_nodes=true).
+	RevokedNodes []string `json:"revoked_nodes,omitempty"`
+}
+
 func (s *Server) handleTokenRevoke(w http.ResponseWriter, r *http.Request) {
+	withNodes := r.URL.Query().Get("revoke_nodes") == "true"
 	rec, err := s.cfg.Tokens.Revoke(r.Context(), r.PathValue("id"))
 	if err != nil {
 		s.writeErr(w, r, err)
 		return
 	}
-	s.log.Info("token revoked", "token_id", rec.ID, "service", rec.Service, "env", rec.Env)
-	writeJSON(w, http.StatusOK, s.tokenInfo(rec))
+	s.log.Info("token revoked", "token_id", rec.ID, "service", rec.Service, "env", rec.Env, "revoke_nodes", withNodes)
+	out := TokenRevokeResponse{TokenInfo: s.tokenInfo(rec)}
+	if withNodes {
+		out.RevokedNodes, err = s.RevokeTokenNodes(r.Context(), rec.ID, "token "+rec.ID+" revoked")
+		if err != nil {
+			s.writeErr(w, r, err)
+			return
+		}
+	}
+	writeJSON(w, http.StatusOK, out)
+}
+
+// NodeRevokeRequest is the optional body of POST /v1/nodes/{id}/revoke.
+type NodeRevokeRequest struct {
+	Reason string `json:"reason,omitempty"`
+}
+
+func (s *Server) handleNodeRevoke(w http.ResponseWriter, r *http.Request) {
+	var req NodeRevokeRequest
+	if r.ContentLength != 0 {
+		dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, 1<<16))
+		dec.DisallowUnknownFields()
+		if err := dec.Decode(&req); err != nil {
+			writeError(w, http.StatusBadRequest, fmt.Errorf("bad request body: %w", err))
+			return
+		}
+	}
+	if len(req.Reason) > 256 {
+		writeError(w, http.StatusBadRequest, fmt.Errorf("reason is %d characters long; keep it under 256", len(req.Reason)))
+		return
+	}
+	n, err := s.RevokeNode(r.Context(), r.PathValue("id"), req.Reason)
+	if err != nil && n == nil {
+		s.writeErr(w, r, err)
+		return
+	}
+	if err != nil {
+		s.log.Error("revocation list not yet published", "node_id", n.ID, "error", err)
+	}
+	writeJSON(w, http.StatusOK, s.nodeInfo(*n))
 }
 
 // NodeInfo is a node as the admin API shows it: the stored record and, for

@@ -3,6 +3,7 @@ package sds
 import (
 	"context"
 	"errors"
+	"fmt"
 	"strings"
 
 	core "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
@@ -57,7 +58,7 @@ func streamKind(typeURL string) string {
 // open authenticates a new stream and records it.
 func (c callbacks) open(ctx context.Context, id int64, typeURL, protocol string) error {
 	s := c.s
-	st := &streamState{ctx: ctx, kind: streamKind(typeURL), protocol: protocol, unknown: map[string]bool{}}
+	st := &streamState{ctx: ctx, kind: streamKind(typeURL), protocol: protocol, unknown: map[string]bool{}, end: endFunc(ctx)}
 	if p, ok := peer.FromContext(ctx); ok {
 		st.peer = p.Addr.String()
 	}
@@ -130,11 +131,15 @@ func (c callbacks) request(id int64, claimed *core.Node, typeURL string, names [
 		s.mu.Lock()
 		st.node = ln
 		st.xdsNode = &core.Node{Id: ln.rec.ID, Cluster: ln.rec.Service}
+		revoked := ln.revoked.Load()
 		ln.streams++
 		if ln.streams == 1 {
 			s.cfg.Metrics.connectedSidecars.Inc()
 		}
 		s.mu.Unlock()
+		if revoked { // revoked while this stream was being admitted
+			return nil, c.refuse(st, id, &refusal{code: codes.PermissionDenied, reason: "node_revoked", msg: fmt.Sprintf("node %s has been revoked", ln.rec.ID)})
+		}
 	}
 	if nonce != "" {
 		for i, p := range st.pending {

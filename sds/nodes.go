@@ -48,6 +48,11 @@ type Node struct {
 	// acknowledged: what the sidecar actually serves.
 	ServingSerial   string    `json:"serving_serial,omitempty"`
 	ServingNotAfter time.Time `json:"serving_not_after,omitzero"`
+	// Certs are the certificates issued to the node that have not expired.
+	Certs []IssuedCert `json:"certs,omitempty"`
+	// RevokedAt and RevokeReason are set when the node is revoked.
+	RevokedAt    time.Time `json:"revoked_at,omitzero"`
+	RevokeReason string    `json:"revoke_reason,omitempty"`
 }
 
 // indexKey identifies a sidecar across reconnections: the token it presents

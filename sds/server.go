@@ -71,6 +71,9 @@ type Config struct {
 	// RootsRefresh is how often the trust bundle is re-read from the
 	// issuer; zero means one minute.
 	RootsRefresh time.Duration
+	// CRLPeriod is how long a signed revocation list is valid; it is
+	// re-signed at half of it. Zero means DefaultCRLPeriod.
+	CRLPeriod time.Duration
 	// Now is the clock; nil means time.Now.
 	Now func() time.Time
 }
@@ -87,15 +90,19 @@ type Server struct {
 	draw  *spreader
 
 	rootCA atomic.Pointer[rootBundle]
+	pubMu  sync.Mutex // serialises ROOTCA rebuilds (roots or CRL changed)
+	crlMu  sync.Mutex // serialises CRL signing
 
 	mu      sync.Mutex
 	streams map[int64]*streamState
 	live    map[string]*liveNode
 }
 
-// rootBundle is the current trust bundle and its encoded ROOTCA secret.
+// rootBundle is the current trust bundle, revocation list and the encoded
+// ROOTCA secret carrying both.
 type rootBundle struct {
 	roots []*x509.Certificate
+	crl   *issuer.CRL
 	res   *resource
 }
 
@@ -110,6 +117,7 @@ type streamState struct {
 	xdsNode  *core.Node
 	unknown  map[string]bool // names already reported as not served
 	pending  []sentCert      // responses carrying a certificate, not yet ACKed
+	end      func(error)     // ends the stream with a cause (endStreamWith)
 }
 
 // liveNode is a node with its in-memory state: current certificate, open
@@ -120,8 +128,9 @@ type liveNode struct {
 	rec      Node
 	identity issuer.Identity
 
-	mu  sync.Mutex // serialises issuance
-	cur atomic.Pointer[certState]
+	mu      sync.Mutex // serialises issuance
+	cur     atomic.Pointer[certState]
+	revoked atomic.Bool
 
 	streams int // guarded by Server.mu
 
@@ -189,6 +198,9 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 	if cfg.RootsRefresh <= 0 {
 		cfg.RootsRefresh = time.Minute
 	}
+	if cfg.CRLPeriod <= 0 {
+		cfg.CRLPeriod = DefaultCRLPeriod
+	}
 	s := &Server{
 		cfg:     cfg,
 		log:     cfg.Logger,
@@ -203,12 +215,16 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 	if err := s.RefreshRoots(ctx); err != nil {
 		return nil, err
 	}
+	if err := s.refreshCRL(ctx); err != nil {
+		return nil, err
+	}
 	if err := cfg.Metrics.registerServer(s); err != nil {
 		return nil, err
 	}
 	s.xds = serverv3.NewServer(ctx, s.cache, callbacks{s})
 	go s.sched.run(ctx, cfg.RenewWorkers)
 	go s.refreshRootsLoop(ctx)
+	go s.crlLoop(ctx)
 	return s, nil
 }
 
@@ -245,20 +261,40 @@ func (s *Server) RefreshRoots(ctx context.Context) error {
 	if len(roots) == 0 {
 		return errors.New("issuer returned an empty trust bundle")
 	}
+	s.pubMu.Lock()
+	defer s.pubMu.Unlock()
+	var crl *issuer.CRL
+	if b := s.rootCA.Load(); b != nil {
+		crl = b.crl
+	}
+	return s.publishRootCA(roots, crl)
+}
+
+// publishRootCA builds the ROOTCA secret from the trust bundle and the CRL
+// and pushes it to every node if it changed. Callers hold pubMu.
+func (s *Server) publishRootCA(roots []*x509.Certificate, crl *issuer.CRL) error {
 	var bundle []byte
 	for _, r := range roots {
 		bundle = append(bundle, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: r.Raw})...)
 	}
+	vc := &tlsv3.CertificateValidationContext{
+		TrustedCa: &core.DataSource{Specifier: &core.DataSource_InlineBytes{InlineBytes: bundle}},
+	}
+	if crl != nil {
+		// The list is signed by the CA that issues the leaves; the root
+		// and intermediate have none, so only leaves are checked (Envoy
+		// otherwise wants a list for every CA in the chain).
+		vc.Crl = &core.DataSource{Specifier: &core.DataSource_InlineBytes{InlineBytes: crl.PEM}}
+		vc.OnlyVerifyLeafCertCrl = true
+	}
 	res, err := newResource(SecretRootCA, &tlsv3.Secret{
 		Name: SecretRootCA,
-		Type: &tlsv3.Secret_ValidationContext{ValidationContext: &tlsv3.CertificateValidationContext{
-			TrustedCa: &core.DataSource{Specifier: &core.DataSource_InlineBytes{InlineBytes: bundle}},
-		}},
+		Type: &tlsv3.Secret_ValidationContext{ValidationContext: vc},
 	})
 	if err != nil {
 		return err
 	}
-	old := s.rootCA.Swap(&rootBundle{roots: roots, res: res})
+	old := s.rootCA.Swap(&rootBundle{roots: roots, crl: crl, res: res})
 	if old != nil && old.res.version == res.version {
 		return nil
 	}
@@ -270,9 +306,10 @@ func (s *Server) RefreshRoots(ctx context.Context) error {
 
 // Register adds the SDS, ECDS and ADS services to g.
 func (s *Server) Register(g *grpc.Server) {
-	discoverygrpc.RegisterAggregatedDiscoveryServiceServer(g, s.xds)
-	secretservice.RegisterSecretDiscoveryServiceServer(g, s.xds)
-	extensionservice.RegisterExtensionConfigDiscoveryServiceServer(g, s.xds)
+	e := endable{s.xds}
+	discoverygrpc.RegisterAggregatedDiscoveryServiceServer(g, adsService{e})
+	secretservice.RegisterSecretDiscoveryServiceServer(g, sdsService{e})
+	extensionservice.RegisterExtensionConfigDiscoveryServiceServer(g, ecdsService{e})
 }
 
 // Serve serves xDS over TLS on lis until ctx ends, then stops gracefully
@@ -436,6 +473,9 @@ func (s *Server) renew(ctx context.Context, ln *liveNode) {
 // secrets to every open stream of the node and schedules the next renewal.
 // ln.mu is held: it guards only this node.
 func (s *Server) issueLocked(ctx context.Context, ln *liveNode) error {
+	if ln.revoked.Load() {
+		return fmt.Errorf("node %s: %w", ln.identity.NodeID, ErrNodeRevoked)
+	}
 	start := time.Now()
 	cert, keyPEM, err := s.mint(ctx, ln.identity)
 	s.cfg.Metrics.issueLatency.Observe(time.Since(start).Seconds())
@@ -477,8 +517,16 @@ func (s *Server) issueLocked(ctx context.Context, ln *liveNode) error {
 	})
 	s.sched.schedule(ln, cs.renewAt)
 	if _, err := s.nodes.update(ctx, ln.identity.NodeID, func(n *Node) error {
+		now := s.now()
 		n.IssuedSerial, n.IssuedNotAfter = serial, cert.Leaf.NotAfter.UTC()
-		n.LastSeen = s.now().UTC()
+		n.LastSeen = now.UTC()
+		kept := n.Certs[:0]
+		for _, c := range n.Certs {
+			if c.NotAfter.After(now) {
+				kept = append(kept, c)
+			}
+		}
+		n.Certs = append(kept, IssuedCert{Serial: serial, NotAfter: cert.Leaf.NotAfter.UTC()})
 		return nil
 	}); err != nil {
 		s.log.Warn("could not record issued certificate", "node_id", ln.identity.NodeID, "error", err)
@@ -576,7 +624,7 @@ func (s *Server) Ready(context.Context) error {
 	if n := s.nodesAtRisk(); n > 0 {
 		return fmt.Errorf("%d node(s) within 10%% of certificate expiry with renewal failing", n)
 	}
-	return nil
+	return s.crlAtRisk()
 }
 
 // connectedNodes returns the nodes with at least one open stream.
