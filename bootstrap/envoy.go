@@ -29,6 +29,9 @@ import (
 	"google.golang.org/protobuf/types/known/wrapperspb"
 	"sigs.k8s.io/yaml"
 
+	rbacconfigv3 "github.com/envoyproxy/go-control-plane/envoy/config/rbac/v3"
+	rbacv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/rbac/v3"
+
 	"github.com/meshid/sds-server/issuer"
 )
 
@@ -45,6 +48,16 @@ const (
 	SecretDefault = "default"
 	// SecretRootCA is the SDS name of the trust bundle (validation context).
 	SecretRootCA = "ROOTCA"
+	// RevokedFilterName is the first inbound HTTP filter: an RBAC DENY list
+	// of revoked nodes' certificates, served over ECDS to every sidecar. It
+	// closes the gap the CRL leaves: connections opened before a revocation
+	// are not re-validated by TLS, but each request passes this filter.
+	RevokedFilterName = "revoked"
+	// RBACFilterName is the second inbound HTTP filter: the destination
+	// service's ACL compiled to RBAC (ALLOW), served over ECDS.
+	RBACFilterName = "rbac"
+	// RBACTypeURL is the type of both filters' ECDS resources.
+	RBACTypeURL = "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC"
 	// DefaultMaxConnectionDuration bounds pooled upstream connections, so
 	// that a rotated client certificate is used within that time.
 	DefaultMaxConnectionDuration = 10 * time.Minute
@@ -648,18 +661,47 @@ func (p *envoyPlan) xdsCluster() (*clusterv3.Cluster, error) {
 	return c, nil
 }
 
-// inboundHTTPFilters returns the HTTP filter chain of the inbound listener.
-//
-// RBAC GOES HERE: the authorization filter (envoy.filters.http.rbac, served
-// over ECDS with a deny-all default) must be inserted FIRST in this list,
-// before the router, which must stay last.
+// inboundHTTPFilters returns the HTTP filter chain of the inbound listener:
+// the revoked-nodes DENY list, the service's ACL, then the router. Both RBAC
+// filters come from ECDS over ADS, so policy changes apply to the next
+// request without draining the listener, and the listener waits for them
+// (no warming with defaults): a sidecar never serves under no policy. Their
+// defaults, used only if the server never answers, deny everything (ACL)
+// and nothing (revocations).
 func inboundHTTPFilters() ([]*hcmv3.HttpFilter, error) {
 	router, err := routerFilter()
 	if err != nil {
 		return nil, err
 	}
-	filters := []*hcmv3.HttpFilter{ /* RBAC filter, first */ }
-	return append(filters, router), nil
+	revoked, err := ecdsRBACFilter(RevokedFilterName, &rbacv3.RBAC{Rules: &rbacconfigv3.RBAC{Action: rbacconfigv3.RBAC_DENY}})
+	if err != nil {
+		return nil, err
+	}
+	acl, err := ecdsRBACFilter(RBACFilterName, &rbacv3.RBAC{Rules: &rbacconfigv3.RBAC{Action: rbacconfigv3.RBAC_ALLOW}})
+	if err != nil {
+		return nil, err
+	}
+	return []*hcmv3.HttpFilter{revoked, acl, router}, nil
+}
+
+// ecdsRBACFilter is an RBAC HTTP filter whose config comes from ECDS over
+// ADS, with def as the default config.
+func ecdsRBACFilter(name string, def *rbacv3.RBAC) (*hcmv3.HttpFilter, error) {
+	a, err := pack(def)
+	if err != nil {
+		return nil, err
+	}
+	return &hcmv3.HttpFilter{Name: name, ConfigType: &hcmv3.HttpFilter_ConfigDiscovery{
+		ConfigDiscovery: &corev3.ExtensionConfigSource{
+			ConfigSource: &corev3.ConfigSource{
+				ConfigSourceSpecifier: &corev3.ConfigSource_Ads{Ads: &corev3.AggregatedConfigSource{}},
+				ResourceApiVersion:    corev3.ApiVersion_V3,
+			},
+			DefaultConfig:                    a,
+			ApplyDefaultConfigWithoutWarming: false,
+			TypeUrls:                         []string{RBACTypeURL},
+		},
+	}}, nil
 }
 
 func routerFilter() (*hcmv3.HttpFilter, error) {
@@ -708,9 +750,10 @@ func (p *envoyPlan) inboundListener() (*listenerv3.Listener, error) {
 		MergeSlashes:                 true,
 		PathWithEscapedSlashesAction: hcmv3.HttpConnectionManager_UNESCAPE_AND_REDIRECT,
 		ForwardClientCertDetails:     hcmv3.HttpConnectionManager_SANITIZE_SET,
-		SetCurrentClientCertDetails:  &hcmv3.HttpConnectionManager_SetCurrentClientCertDetails{Uri: true, Cert: true},
-		RouteSpecifier:               routeAll(InboundListenerName, LocalAppClusterName),
-		HttpFilters:                  filters,
+		// Hash lets the revoked-nodes filter match the peer certificate.
+		SetCurrentClientCertDetails: &hcmv3.HttpConnectionManager_SetCurrentClientCertDetails{Uri: true, Cert: true},
+		RouteSpecifier:              routeAll(InboundListenerName, LocalAppClusterName),
+		HttpFilters:                 filters,
 	})
 	if err != nil {
 		return nil, err

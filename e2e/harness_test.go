@@ -13,6 +13,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strings"
 	"sync"
 	"syscall"
@@ -155,7 +156,13 @@ func startServer(t *testing.T, bin string, extra ...string) *server {
 	t.Helper()
 	dir := t.TempDir()
 	s := &server{bin: bin, dataDir: filepath.Join(dir, "data"), metrics: fmt.Sprintf("127.0.0.1:%d", freePort(t))}
-	args := append([]string{"serve", "--data-dir", s.dataDir, "--listen-addr", "127.0.0.1:0", "--metrics-addr", s.metrics}, extra...)
+	args := []string{"serve", "--data-dir", s.dataDir, "--listen-addr", "127.0.0.1:0", "--metrics-addr", s.metrics}
+	if !slices.ContainsFunc(extra, func(a string) bool { return strings.HasPrefix(a, "--default-policy") }) {
+		// Tests of identity and rotation are not about ACLs: let every mesh
+		// identity through unless the test says otherwise.
+		args = append(args, "--default-policy", "allow")
+	}
+	args = append(args, extra...)
 	cmd := exec.Command(bin, args...)
 	cmd.Dir = dir
 	s.proc = start(t, "sds-server", cmd)

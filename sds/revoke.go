@@ -32,6 +32,7 @@ type revokedCert struct {
 	NodeID    string    `json:"node_id"`
 	NotAfter  time.Time `json:"not_after"`
 	RevokedAt time.Time `json:"revoked_at"`
+	SHA256    string    `json:"sha256,omitempty"`
 }
 
 // IssuedCert is a certificate issued to a node, kept in its record until it
@@ -39,6 +40,8 @@ type revokedCert struct {
 type IssuedCert struct {
 	Serial   string    `json:"serial"`
 	NotAfter time.Time `json:"not_after"`
+	// SHA256 is the hex digest of the DER, what Envoy's XFCC Hash shows.
+	SHA256 string `json:"sha256,omitempty"`
 }
 
 // ErrNodeRevoked is returned when a revoked node would be issued a
@@ -71,7 +74,7 @@ func (s *Server) RevokeNode(ctx context.Context, id, reason string) (*Node, erro
 		if !c.NotAfter.After(now) {
 			continue
 		}
-		b, err := json.Marshal(revokedCert{Serial: c.Serial, NodeID: id, NotAfter: c.NotAfter, RevokedAt: now})
+		b, err := json.Marshal(revokedCert{Serial: c.Serial, NodeID: id, NotAfter: c.NotAfter, RevokedAt: now, SHA256: c.SHA256})
 		if err != nil {
 			return nil, err
 		}
@@ -129,19 +132,16 @@ func (s *Server) RevokeTokenNodes(ctx context.Context, tokenID, reason string) (
 	return ids, nil
 }
 
-// refreshCRL signs a new revocation list from the store (dropping entries
-// whose certificate has expired) and pushes it in ROOTCA. Issuers that sign
-// no CRL leave ROOTCA without one.
+// refreshCRL rebuilds what enforces revocations from the store, dropping
+// entries whose certificate has expired: the revoked-certificates RBAC deny
+// list (every issuer) and the signed CRL carried in ROOTCA (issuers that
+// sign one).
 func (s *Server) refreshCRL(ctx context.Context) error {
-	signer, ok := s.cfg.Issuer.(issuer.CRLSigner)
-	if !ok {
-		return nil
-	}
 	s.crlMu.Lock()
 	defer s.crlMu.Unlock()
 	now := s.now().UTC()
 	var entries []issuer.RevokedCertificate
-	var expired []string
+	var hashes, expired []string
 	err := s.cfg.Store.List(ctx, bucketRevoked, func(key string, value []byte) error {
 		var r revokedCert
 		if err := json.Unmarshal(value, &r); err != nil {
@@ -156,32 +156,46 @@ func (s *Server) refreshCRL(ctx context.Context) error {
 			return fmt.Errorf("revoked certificate %s: bad serial", key)
 		}
 		entries = append(entries, issuer.RevokedCertificate{SerialNumber: serial, RevokedAt: r.RevokedAt})
+		if r.SHA256 != "" {
+			hashes = append(hashes, r.SHA256)
+		}
 		return nil
 	})
 	if err != nil {
 		return fmt.Errorf("read revocations: %w", err)
 	}
-	number, err := s.nextCRLNumber(ctx)
+	deny, err := revokedDenyList(hashes)
 	if err != nil {
 		return err
-	}
-	crl, err := signer.SignCRL(ctx, number, entries, now.Add(-issuer.Backdate), now.Add(s.cfg.CRLPeriod))
-	if err != nil {
-		return fmt.Errorf("sign revocation list: %w", err)
 	}
 	s.pubMu.Lock()
-	err = s.publishRootCA(s.rootCA.Load().roots, crl)
+	s.publishRevoked(deny)
 	s.pubMu.Unlock()
-	if err != nil {
-		return err
+
+	if signer, ok := s.cfg.Issuer.(issuer.CRLSigner); ok {
+		number, err := s.nextCRLNumber(ctx)
+		if err != nil {
+			return err
+		}
+		crl, err := signer.SignCRL(ctx, number, entries, now.Add(-issuer.Backdate), now.Add(s.cfg.CRLPeriod))
+		if err != nil {
+			return fmt.Errorf("sign revocation list: %w", err)
+		}
+		s.pubMu.Lock()
+		err = s.publishRootCA(s.rootCA.Load().roots, crl)
+		s.pubMu.Unlock()
+		if err != nil {
+			return err
+		}
+		s.log.Info("revocation list published", "crl_number", number.String(), "entries", len(entries),
+			"next_update", crl.NextUpdate.Format(time.RFC3339))
 	}
+	s.lastRevocationRefresh.Store(now.UnixNano())
 	for _, k := range expired {
 		if err := s.cfg.Store.Delete(ctx, bucketRevoked, k); err != nil {
 			s.log.Warn("could not drop an expired revocation", "serial", k, "error", err)
 		}
 	}
-	s.log.Info("revocation list published", "crl_number", number.String(), "entries", len(entries),
-		"next_update", crl.NextUpdate.Format(time.RFC3339))
 	return nil
 }
 
@@ -207,12 +221,10 @@ func (s *Server) nextCRLNumber(ctx context.Context) (*big.Int, error) {
 	return big.NewInt(n), nil
 }
 
-// crlLoop re-signs the revocation list at half its period (and retries
-// failures every few seconds), so no sidecar ever holds an expired one.
+// crlLoop rebuilds the revocation list and deny list at half the CRL
+// period (and retries failures every few seconds), so no sidecar ever holds
+// an expired CRL and entries drop off once their certificates expire.
 func (s *Server) crlLoop(ctx context.Context) {
-	if _, ok := s.cfg.Issuer.(issuer.CRLSigner); !ok {
-		return
-	}
 	tick := time.NewTicker(min(s.cfg.CRLPeriod/8, 5*time.Second))
 	defer tick.Stop()
 	for {
@@ -221,12 +233,12 @@ func (s *Server) crlLoop(ctx context.Context) {
 			return
 		case <-tick.C:
 		}
-		b := s.rootCA.Load()
-		if b.crl != nil && s.now().Before(b.crl.ThisUpdate.Add(issuer.Backdate+s.cfg.CRLPeriod/2)) {
+		last := time.Unix(0, s.lastRevocationRefresh.Load())
+		if s.now().Before(last.Add(s.cfg.CRLPeriod / 2)) {
 			continue
 		}
 		if err := s.refreshCRL(ctx); err != nil && ctx.Err() == nil {
-			s.log.Error("revocation list refresh failed; retrying", "next_update", b.crl.NextUpdate.Format(time.RFC3339), "error", err)
+			s.log.Error("revocation list refresh failed; retrying", "error", err)
 		}
 	}
 }

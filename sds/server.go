@@ -25,6 +25,7 @@ import (
 	"time"
 
 	core "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	rbacv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/rbac/v3"
 	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
 	discoverygrpc "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
 	extensionservice "github.com/envoyproxy/go-control-plane/envoy/service/extension/v3"
@@ -71,6 +72,9 @@ type Config struct {
 	// RootsRefresh is how often the trust bundle is re-read from the
 	// issuer; zero means one minute.
 	RootsRefresh time.Duration
+	// DefaultPolicy is the RBAC filter of services without a policy; nil
+	// means DenyAll.
+	DefaultPolicy *rbacv3.RBAC
 	// CRLPeriod is how long a signed revocation list is valid; it is
 	// re-signed at half of it. Zero means DefaultCRLPeriod.
 	CRLPeriod time.Duration
@@ -90,8 +94,13 @@ type Server struct {
 	draw  *spreader
 
 	rootCA atomic.Pointer[rootBundle]
-	pubMu  sync.Mutex // serialises ROOTCA rebuilds (roots or CRL changed)
-	crlMu  sync.Mutex // serialises CRL signing
+	pubMu  sync.Mutex // serialises pushes of shared resources (ROOTCA, policies, deny list)
+	// policies are the encoded ACL filters; revokedRes the deny list.
+	policies   atomic.Pointer[policySet]
+	revokedRes atomic.Pointer[resource]
+	crlMu      sync.Mutex // serialises CRL signing
+	// lastRevocationRefresh is when refreshCRL last succeeded (UnixNano).
+	lastRevocationRefresh atomic.Int64
 
 	mu      sync.Mutex
 	streams map[int64]*streamState
@@ -212,6 +221,12 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 		draw:    newSpreader(),
 	}
 	s.sched = newScheduler(cfg.Now, s.renew)
+	if cfg.DefaultPolicy == nil {
+		cfg.DefaultPolicy = DenyAll()
+	}
+	if err := s.SetPolicies(nil, cfg.DefaultPolicy); err != nil {
+		return nil, fmt.Errorf("default policy: %w", err)
+	}
 	if err := s.RefreshRoots(ctx); err != nil {
 		return nil, err
 	}
@@ -404,6 +419,10 @@ func (s *Server) liveNodeFor(rec *Node) *liveNode {
 		}}
 		s.live[rec.ID] = ln
 		s.cache.set(rec.ID, xdsres.SecretType, map[string]*resource{SecretRootCA: s.rootCA.Load().res})
+		s.cache.set(rec.ID, xdsres.ExtensionConfigType, map[string]*resource{
+			bootstrap.RBACFilterName:    s.policies.Load().forKey(ServiceKey{Env: rec.Env, Service: rec.Service}),
+			bootstrap.RevokedFilterName: s.revokedRes.Load(),
+		})
 	}
 	return ln
 }
@@ -526,7 +545,7 @@ func (s *Server) issueLocked(ctx context.Context, ln *liveNode) error {
 				kept = append(kept, c)
 			}
 		}
-		n.Certs = append(kept, IssuedCert{Serial: serial, NotAfter: cert.Leaf.NotAfter.UTC()})
+		n.Certs = append(kept, IssuedCert{Serial: serial, NotAfter: cert.Leaf.NotAfter.UTC(), SHA256: certHash(cert.Leaf.Raw)})
 		return nil
 	}); err != nil {
 		s.log.Warn("could not record issued certificate", "node_id", ln.identity.NodeID, "error", err)
