@@ -71,6 +71,7 @@ func (s *Server) AdminHandler() http.Handler {
 	mux.HandleFunc("GET /v1/nodes/{id}", s.handleNodeGet)
 	mux.HandleFunc("POST /v1/nodes/{id}/revoke", s.handleNodeRevoke)
 	mux.HandleFunc("GET /v1/roots", s.handleRoots)
+	mux.HandleFunc("GET /v1/acl", s.handleACL)
 	return mux
 }
 
@@ -274,4 +275,13 @@ func (s *Server) handleRoots(w http.ResponseWriter, _ *http.Request) {
 	for _, c := range s.Roots() {
 		_ = pem.Encode(w, &pem.Block{Type: "CERTIFICATE", Bytes: c.Raw})
 	}
+}
+
+func (s *Server) handleACL(w http.ResponseWriter, _ *http.Request) {
+	pw := s.policyWatch.Load()
+	if pw == nil {
+		writeJSON(w, http.StatusOK, PolicyReport{Services: []PolicyStatus{}})
+		return
+	}
+	writeJSON(w, http.StatusOK, pw.report())
 }

@@ -18,6 +18,8 @@ type Metrics struct {
 	unknownResources  *prometheus.CounterVec
 	nodesAdmitted     prometheus.Counter
 	connectedSidecars prometheus.Gauge
+	policyErrors      prometheus.Counter
+	policyInvalid     prometheus.Gauge
 	reg               prometheus.Registerer
 }
 
@@ -58,9 +60,17 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 			Help: "Nodes with at least one open xDS stream.",
 		}),
 	}
+	m.policyErrors = prometheus.NewCounter(prometheus.CounterOpts{
+		Name: "sds_policy_errors_total",
+		Help: "Invalid policy files found (each distinct problem counted once); the last good policy stays in force.",
+	})
+	m.policyInvalid = prometheus.NewGauge(prometheus.GaugeOpts{
+		Name: "sds_policy_invalid_files",
+		Help: "Files in policy_dir whose current content is not in force (invalid or misplaced).",
+	})
 	m.reg = reg
 	reg.MustRegister(m.streams, m.certsIssued, m.issueLatency, m.authFailures, m.nacks,
-		m.unknownResources, m.nodesAdmitted, m.connectedSidecars)
+		m.unknownResources, m.nodesAdmitted, m.connectedSidecars, m.policyErrors, m.policyInvalid)
 	return m
 }
 

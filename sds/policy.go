@@ -37,25 +37,6 @@ func (p *policySet) forKey(k ServiceKey) *resource {
 	return p.def
 }
 
-// DenyAll is the RBAC filter of a service with no policy under the default
-// "deny" default_policy: ALLOW with no policies denies every request.
-func DenyAll() *rbacv3.RBAC {
-	return &rbacv3.RBAC{Rules: &rbacconfigv3.RBAC{Action: rbacconfigv3.RBAC_ALLOW}}
-}
-
-// AllowAll is the RBAC filter of a service with no policy under
-// default_policy "allow": every request from a mesh identity (the inbound
-// listener already requires one) is allowed.
-func AllowAll() *rbacv3.RBAC {
-	return &rbacv3.RBAC{Rules: &rbacconfigv3.RBAC{
-		Action: rbacconfigv3.RBAC_ALLOW,
-		Policies: map[string]*rbacconfigv3.Policy{"allow-all": {
-			Permissions: []*rbacconfigv3.Permission{{Rule: &rbacconfigv3.Permission_Any{Any: true}}},
-			Principals:  []*rbacconfigv3.Principal{{Identifier: &rbacconfigv3.Principal_Any{Any: true}}},
-		}},
-	}}
-}
-
 // extensionResource encodes an RBAC filter config as the ECDS resource
 // named name, after checking it with the proto's own validation.
 func extensionResource(name string, rbac *rbacv3.RBAC) (*resource, error) {

@@ -84,11 +84,19 @@ const (
 	retryCap  = time.Minute
 )
 
-// retryDelay is the full-jitter backoff after attempt failures (1-based).
-func retryDelay(attempt int) time.Duration {
+// retryDelay is the full-jitter backoff after attempt failures (1-based),
+// capped at limit.
+func retryDelay(attempt int, limit time.Duration) time.Duration {
 	ceil := float64(retryBase) * math.Pow(2, float64(min(attempt, 30)-1))
-	ceil = math.Min(ceil, float64(retryCap))
+	ceil = math.Min(ceil, float64(limit))
 	return time.Duration(rand.Float64()*ceil) + 100*time.Millisecond
+}
+
+// retryLimit caps the backoff for a certificate of lifetime ttl: a tenth of
+// the lifetime (so a short certificate is retried often enough to be
+// replaced before it expires), at most retryCap, at least retryBase.
+func retryLimit(ttl time.Duration) time.Duration {
+	return max(retryBase, min(retryCap, ttl/10))
 }
 
 // scheduler fires renewals at their due time: one timer over a heap of

@@ -136,13 +136,20 @@ func (s *Server) RevokeTokenNodes(ctx context.Context, tokenID, reason string) (
 // entries whose certificate has expired: the revoked-certificates RBAC deny
 // list (every issuer) and the signed CRL carried in ROOTCA (issuers that
 // sign one).
-func (s *Server) refreshCRL(ctx context.Context) error {
+func (s *Server) refreshCRL(ctx context.Context) (err error) {
 	s.crlMu.Lock()
 	defer s.crlMu.Unlock()
+	defer func() {
+		if err != nil {
+			// Retry at crlLoop's next tick, not half a period after the
+			// last success: a revocation must not wait that long.
+			s.lastRevocationRefresh.Store(0)
+		}
+	}()
 	now := s.now().UTC()
 	var entries []issuer.RevokedCertificate
 	var hashes, expired []string
-	err := s.cfg.Store.List(ctx, bucketRevoked, func(key string, value []byte) error {
+	err = s.cfg.Store.List(ctx, bucketRevoked, func(key string, value []byte) error {
 		var r revokedCert
 		if err := json.Unmarshal(value, &r); err != nil {
 			return fmt.Errorf("revoked certificate %s: corrupt record: %w", key, err)

@@ -38,6 +38,7 @@ import (
 	"google.golang.org/grpc/keepalive"
 	"google.golang.org/protobuf/types/known/anypb"
 
+	"github.com/meshid/sds-server/authz"
 	"github.com/meshid/sds-server/bootstrap"
 	"github.com/meshid/sds-server/issuer"
 	"github.com/meshid/sds-server/store"
@@ -73,7 +74,7 @@ type Config struct {
 	// issuer; zero means one minute.
 	RootsRefresh time.Duration
 	// DefaultPolicy is the RBAC filter of services without a policy; nil
-	// means DenyAll.
+	// means authz.DenyAll.
 	DefaultPolicy *rbacv3.RBAC
 	// CRLPeriod is how long a signed revocation list is valid; it is
 	// re-signed at half of it. Zero means DefaultCRLPeriod.
@@ -96,10 +97,12 @@ type Server struct {
 	rootCA atomic.Pointer[rootBundle]
 	pubMu  sync.Mutex // serialises pushes of shared resources (ROOTCA, policies, deny list)
 	// policies are the encoded ACL filters; revokedRes the deny list.
-	policies   atomic.Pointer[policySet]
-	revokedRes atomic.Pointer[resource]
-	crlMu      sync.Mutex // serialises CRL signing
-	// lastRevocationRefresh is when refreshCRL last succeeded (UnixNano).
+	policies    atomic.Pointer[policySet]
+	policyWatch atomic.Pointer[policyWatcher]
+	revokedRes  atomic.Pointer[resource]
+	crlMu       sync.Mutex // serialises CRL signing
+	// lastRevocationRefresh is when refreshCRL last succeeded (UnixNano);
+	// zero after a failure, so that crlLoop retries at its next tick.
 	lastRevocationRefresh atomic.Int64
 
 	mu      sync.Mutex
@@ -222,7 +225,7 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 	}
 	s.sched = newScheduler(cfg.Now, s.renew)
 	if cfg.DefaultPolicy == nil {
-		cfg.DefaultPolicy = DenyAll()
+		cfg.DefaultPolicy = authz.DenyAll()
 	}
 	if err := s.SetPolicies(nil, cfg.DefaultPolicy); err != nil {
 		return nil, fmt.Errorf("default policy: %w", err)
@@ -403,6 +406,9 @@ func (s *Server) admit(st *streamState, claimed *core.Node) (*liveNode, error) {
 	}
 	ln := s.liveNodeFor(rec)
 	if err := s.ensureCertificate(ctx, ln); err != nil {
+		if errors.Is(err, ErrNodeRevoked) { // revoked while being admitted
+			return nil, &refusal{code: codes.PermissionDenied, reason: "node_revoked", msg: fmt.Sprintf("node %s has been revoked", rec.ID)}
+		}
 		return nil, &refusal{code: codes.Unavailable, reason: "", msg: fmt.Sprintf("no certificate for node %s yet: %v", rec.ID, err)}
 	}
 	return ln, nil
@@ -470,7 +476,7 @@ func (s *Server) renew(ctx context.Context, ln *liveNode) {
 	ictx, cancel := context.WithTimeout(ctx, s.cfg.IssueTimeout)
 	err := s.issueLocked(ictx, ln)
 	cancel()
-	if err == nil || ctx.Err() != nil {
+	if err == nil || ctx.Err() != nil || errors.Is(err, ErrNodeRevoked) {
 		return
 	}
 	ln.hmu.Lock()
@@ -478,7 +484,11 @@ func (s *Server) renew(ctx context.Context, ln *liveNode) {
 	ln.lastErr = err.Error()
 	attempt := ln.failures
 	ln.hmu.Unlock()
-	delay := retryDelay(attempt)
+	ttl := s.cfg.CertTTL
+	if cs := ln.cur.Load(); cs != nil {
+		ttl = cs.cert.TTL
+	}
+	delay := retryDelay(attempt, retryLimit(ttl))
 	s.sched.schedule(ln, s.now().Add(delay))
 	var expires time.Time
 	if cs := ln.cur.Load(); cs != nil {
@@ -527,15 +537,15 @@ func (s *Server) issueLocked(ctx context.Context, ln *liveNode) error {
 	if old := ln.cur.Load(); old != nil {
 		cs.prev = &certState{cert: old.cert, serial: old.serial, renewAt: old.renewAt, secrets: old.secrets}
 	}
-	ln.cur.Store(cs)
-	ln.hmu.Lock()
-	ln.failures, ln.lastErr = 0, ""
-	ln.hmu.Unlock()
-	s.cache.set(ln.identity.NodeID, xdsres.SecretType, map[string]*resource{
-		SecretDefault: def, spiffeID: alias, SecretRootCA: s.rootCA.Load().res,
-	})
-	s.sched.schedule(ln, cs.renewAt)
+	// Record the certificate before publishing it, refusing if the node was
+	// revoked meanwhile (RevokeNode marks the record and reads its
+	// certificates in one update): every certificate a node can receive is
+	// then either in the record when it is revoked, and so on the CRL, or
+	// never published.
 	if _, err := s.nodes.update(ctx, ln.identity.NodeID, func(n *Node) error {
+		if n.Status == NodeRevoked {
+			return ErrNodeRevoked
+		}
 		now := s.now()
 		n.IssuedSerial, n.IssuedNotAfter = serial, cert.Leaf.NotAfter.UTC()
 		n.LastSeen = now.UTC()
@@ -547,9 +557,21 @@ func (s *Server) issueLocked(ctx context.Context, ln *liveNode) error {
 		}
 		n.Certs = append(kept, IssuedCert{Serial: serial, NotAfter: cert.Leaf.NotAfter.UTC(), SHA256: certHash(cert.Leaf.Raw)})
 		return nil
-	}); err != nil {
+	}); errors.Is(err, ErrNodeRevoked) {
+		ln.revoked.Store(true)
+		s.log.Warn("certificate discarded: node revoked during issuance", "node_id", ln.identity.NodeID, "serial", serial)
+		return fmt.Errorf("node %s: %w", ln.identity.NodeID, ErrNodeRevoked)
+	} else if err != nil {
 		s.log.Warn("could not record issued certificate", "node_id", ln.identity.NodeID, "error", err)
 	}
+	ln.cur.Store(cs)
+	ln.hmu.Lock()
+	ln.failures, ln.lastErr = 0, ""
+	ln.hmu.Unlock()
+	s.cache.set(ln.identity.NodeID, xdsres.SecretType, map[string]*resource{
+		SecretDefault: def, spiffeID: alias, SecretRootCA: s.rootCA.Load().res,
+	})
+	s.sched.schedule(ln, cs.renewAt)
 	s.log.Info("certificate issued", "node_id", ln.identity.NodeID, "spiffe_id", spiffeID, "serial", serial,
 		"not_after", cert.Leaf.NotAfter.UTC().Format(time.RFC3339), "renew_at", cs.renewAt.UTC().Format(time.RFC3339Nano),
 		"duration", time.Since(start))
