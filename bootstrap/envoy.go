@@ -760,7 +760,13 @@ func (p *envoyPlan) inboundListener() (*listenerv3.Listener, error) {
 	}
 	ts, err := tlsSocket(&tlsv3.DownstreamTlsContext{
 		RequireClientCertificate: wrapperspb.Bool(true),
-		CommonTlsContext:         p.sdsTLSContext(prefix("spiffe://" + p.TrustDomain + "/")),
+		// Every connection gets a full handshake: on a resumed session
+		// Envoy neither re-checks the client certificate against the
+		// current CRL nor marks it validated, so mtls_authenticated RBAC
+		// principals would not match (envoy#42668).
+		SessionTicketKeysType:            &tlsv3.DownstreamTlsContext_DisableStatelessSessionResumption{DisableStatelessSessionResumption: true},
+		DisableStatefulSessionResumption: true,
+		CommonTlsContext:                 p.sdsTLSContext(prefix("spiffe://" + p.TrustDomain + "/")),
 	})
 	if err != nil {
 		return nil, err
@@ -816,6 +822,8 @@ func (p *envoyPlan) outboundCluster(u Upstream) (*clusterv3.Cluster, error) {
 	if c.TransportSocket, err = tlsSocket(&tlsv3.UpstreamTlsContext{
 		Sni:              u.Service,
 		CommonTlsContext: p.sdsTLSContext(exact(issuer.SPIFFEID(p.TrustDomain, u.Env, u.Service))),
+		// Peers refuse resumption (see the inbound listener); don't offer it.
+		MaxSessionKeys: wrapperspb.UInt32(0),
 	}); err != nil {
 		return nil, err
 	}

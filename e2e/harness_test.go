@@ -5,6 +5,7 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"encoding/json"
 	"fmt"
 	"io"
 	"net"
@@ -146,6 +147,8 @@ func eventually(t *testing.T, timeout time.Duration, what string, cond func() er
 type server struct {
 	*proc
 	bin, dataDir, addr, metrics string
+	dir                         string
+	args                        []string
 }
 
 var listenRE = regexp.MustCompile(`(?m)^\s+sds:\s+(\S+)`)
@@ -162,9 +165,29 @@ func startServer(t *testing.T, bin string, extra ...string) *server {
 		// identity through unless the test says otherwise.
 		args = append(args, "--default-policy", "allow")
 	}
-	args = append(args, extra...)
-	cmd := exec.Command(bin, args...)
-	cmd.Dir = dir
+	s.args = append(args, extra...)
+	s.dir = dir
+	s.launch(t)
+	return s
+}
+
+// restart stops the server and starts it again on the same data dir and
+// listen address, as an operator's restart would.
+func (s *server) restart(t *testing.T) {
+	t.Helper()
+	s.stop()
+	for i, a := range s.args {
+		if a == "--listen-addr" {
+			s.args[i+1] = s.addr
+		}
+	}
+	s.launch(t)
+}
+
+func (s *server) launch(t *testing.T) {
+	t.Helper()
+	cmd := exec.Command(s.bin, s.args...)
+	cmd.Dir = s.dir
 	s.proc = start(t, "sds-server", cmd)
 	eventually(t, 15*time.Second, "sds-server listening", func() error {
 		if !s.alive() {
@@ -177,7 +200,30 @@ func startServer(t *testing.T, bin string, extra ...string) *server {
 		s.addr = m[1]
 		return nil
 	})
-	return s
+}
+
+// admin calls the server's admin API over its Unix socket and decodes the
+// JSON answer into out.
+func (s *server) admin(t *testing.T, method, path string, out any) {
+	t.Helper()
+	c := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{
+		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+			var d net.Dialer
+			return d.DialContext(ctx, "unix", filepath.Join(s.dataDir, "admin.sock"))
+		}}}
+	req, _ := http.NewRequest(method, "http://sds-server"+path, nil)
+	resp, err := c.Do(req)
+	if err != nil {
+		t.Fatalf("admin %s %s: %v", method, path, err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	if resp.StatusCode >= 300 {
+		t.Fatalf("admin %s %s: %s %s", method, path, resp.Status, b)
+	}
+	if err := json.Unmarshal(b, out); err != nil {
+		t.Fatalf("admin %s %s: %v", method, path, err)
+	}
 }
 
 // cli runs an sds-server subcommand against the server's data dir and
@@ -266,4 +312,10 @@ func testCtx(t *testing.T, d time.Duration) context.Context {
 	ctx, cancel := context.WithTimeout(context.Background(), d)
 	t.Cleanup(cancel)
 	return ctx
+}
+
+// runCmd runs a command and returns its combined output.
+func runCmd(name string, args ...string) (string, error) {
+	out, err := exec.Command(name, args...).CombinedOutput()
+	return string(out), err
 }

@@ -175,8 +175,16 @@ func foreignCert(t *testing.T, uri string) tls.Certificate {
 }
 
 // checkServedCertificate reads the chain a sidecar serves with openssl
-// s_client, shows it with openssl x509 and verifies it with openssl verify.
+// s_client, shows it with openssl x509 and verifies it with openssl verify
+// against the built-in CA's root.
 func checkServedCertificate(t *testing.T, srv *server, addr, service, env string) {
+	t.Helper()
+	checkServedCertificateRoot(t, srv, addr, service, env, filepath.Join(srv.dataDir, "ca", "root.crt"))
+}
+
+// checkServedCertificateRoot is checkServedCertificate against the root in
+// rootFile.
+func checkServedCertificateRoot(t *testing.T, srv *server, addr, service, env, rootFile string) {
 	t.Helper()
 	if _, err := exec.LookPath("openssl"); err != nil {
 		t.Skip("openssl not installed")
@@ -227,8 +235,7 @@ func checkServedCertificate(t *testing.T, srv *server, addr, service, env string
 			t.Errorf("served certificate lacks %q:\n%s", want, text)
 		}
 	}
-	root := filepath.Join(srv.dataDir, "ca", "root.crt")
-	out, err := exec.Command("openssl", "verify", "-CAfile", root, "-untrusted", inter, leaf).CombinedOutput()
+	out, err := exec.Command("openssl", "verify", "-CAfile", rootFile, "-untrusted", inter, leaf).CombinedOutput()
 	if err != nil || !strings.Contains(string(out), ": OK") {
 		t.Fatalf("openssl verify: %v\n%s", err, out)
 	}

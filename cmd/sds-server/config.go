@@ -26,11 +26,33 @@ type config struct {
 	CertTTL       time.Duration `mapstructure:"cert_ttl"`
 	AllowShortTTL bool          `mapstructure:"allow_short_ttl"`
 	RenewWindow   string        `mapstructure:"renew_window"`
+	CRLPeriod     time.Duration `mapstructure:"crl_period"`
+	DefaultPolicy string        `mapstructure:"default_policy"`
 	PolicyDir     string        `mapstructure:"policy_dir"`
 	// ServerNames are the DNS names and IPs in the SDS listener's certificate.
 	ServerNames []string `mapstructure:"server_names"`
 	LogLevel    string   `mapstructure:"log_level"`
+	// CA chooses and configures the certificate authority backend.
+	CA caConfig `mapstructure:"ca"`
 }
+
+// caConfig is the ca.* keys (env SDS_CA_*): the built-in CA (local, the
+// default) or a step-ca that signs every certificate (stepca).
+type caConfig struct {
+	Backend         string `mapstructure:"backend"`
+	URL             string `mapstructure:"url"`
+	RootFingerprint string `mapstructure:"root_fingerprint"`
+	RootFile        string `mapstructure:"root_file"`
+	Provisioner     string `mapstructure:"provisioner"`
+	KeyFile         string `mapstructure:"key_file"`
+	PasswordFile    string `mapstructure:"password_file"`
+}
+
+// CA backends.
+const (
+	backendLocal  = "local"
+	backendStepCA = "stepca"
+)
 
 // defaults are the embedded defaults: `sds-server serve` with no config at
 // all runs on them.
@@ -43,9 +65,19 @@ var defaults = map[string]any{
 	"cert_ttl":        issuer.DefaultTTL,
 	"allow_short_ttl": false,
 	"renew_window":    "0.5-0.8",
+	"crl_period":      sds.DefaultCRLPeriod,
+	"default_policy":  "deny",
 	"policy_dir":      "", // <data_dir>/policies
 	"server_names":    []string{"localhost", "127.0.0.1", "::1"},
 	"log_level":       "info",
+	// Nested keys need defaults too, or SDS_CA_* would go unseen.
+	"ca.backend":          backendLocal,
+	"ca.url":              "",
+	"ca.root_fingerprint": "",
+	"ca.root_file":        "",
+	"ca.provisioner":      "",
+	"ca.key_file":         "",
+	"ca.password_file":    "",
 }
 
 // flagKeys maps flag names to config keys, for binding.
@@ -58,6 +90,8 @@ var flagKeys = map[string]string{
 	"cert-ttl":        "cert_ttl",
 	"allow-short-ttl": "allow_short_ttl",
 	"renew-window":    "renew_window",
+	"crl-period":      "crl_period",
+	"default-policy":  "default_policy",
 	"policy-dir":      "policy_dir",
 	"server-names":    "server_names",
 	"log-level":       "log_level",
@@ -125,11 +159,38 @@ func (c *config) validate() error {
 	if err := issuer.ValidateTTL(c.CertTTL, c.AllowShortTTL); err != nil {
 		return fmt.Errorf("cert_ttl: %w", err)
 	}
+	if c.DefaultPolicy != "deny" && c.DefaultPolicy != "allow" {
+		return fmt.Errorf("default_policy %q: use deny (services without a policy file refuse every request) or allow", c.DefaultPolicy)
+	}
+	if c.CRLPeriod < 10*time.Second {
+		return fmt.Errorf("crl_period %s: want at least 10s (the list is re-signed at half of it)", c.CRLPeriod)
+	}
 	if _, err := sds.ParseRenewWindow(c.RenewWindow); err != nil {
 		return err
 	}
 	if c.ListenAddr == "" {
 		return errors.New("listen_addr is empty")
+	}
+	return c.CA.validate()
+}
+
+func (c *caConfig) validate() error {
+	switch c.Backend {
+	case backendLocal:
+		return nil
+	case backendStepCA:
+	default:
+		return fmt.Errorf("ca.backend %q: use %s (the built-in CA) or %s", c.Backend, backendLocal, backendStepCA)
+	}
+	for _, k := range []struct{ key, val string }{
+		{"ca.url", c.URL}, {"ca.provisioner", c.Provisioner}, {"ca.key_file", c.KeyFile},
+	} {
+		if k.val == "" {
+			return fmt.Errorf("%s is required with ca.backend %s", k.key, backendStepCA)
+		}
+	}
+	if c.RootFingerprint == "" && c.RootFile == "" {
+		return fmt.Errorf("ca.root_fingerprint or ca.root_file is required with ca.backend %s: sds-server must know step-ca's root", backendStepCA)
 	}
 	return nil
 }

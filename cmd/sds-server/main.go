@@ -77,6 +77,7 @@ func newRootCommand(stdout, stderr io.Writer) *cobra.Command {
 		newTokenCommand(),
 		newNodeCommand(),
 		newBootstrapCommand(),
+		newACLCommand(),
 		&cobra.Command{
 			Use:   "version",
 			Short: "Print the version",

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"crypto/sha256"
 	"crypto/tls"
 	"errors"
 	"fmt"
@@ -19,8 +20,11 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"github.com/spf13/cobra"
 
+	"github.com/meshid/sds-server/authz"
 	"github.com/meshid/sds-server/bootstrap"
+	"github.com/meshid/sds-server/issuer"
 	"github.com/meshid/sds-server/issuer/local"
+	"github.com/meshid/sds-server/issuer/stepca"
 	"github.com/meshid/sds-server/sds"
 	"github.com/meshid/sds-server/store"
 )
@@ -28,6 +32,10 @@ import (
 // serverCertTTL is the lifetime of the SDS listener's own certificate; it is
 // renewed in process after two thirds of it.
 const serverCertTTL = 30 * 24 * time.Hour
+
+// policyPoll is how often policy_dir is checked for changes: a valid edit
+// reaches the sidecars within about this long.
+const policyPoll = 250 * time.Millisecond
 
 func newServeCommand() *cobra.Command {
 	cmd := &cobra.Command{
@@ -50,6 +58,8 @@ func newServeCommand() *cobra.Command {
 	f.String("metrics-addr", "127.0.0.1:9102", "metrics and health listen address; empty disables (SDS_METRICS_ADDR)")
 	f.Duration("cert-ttl", time.Hour, "workload certificate lifetime (SDS_CERT_TTL)")
 	f.String("renew-window", "0.5-0.8", "renew certificates at a random point in this part of their life (SDS_RENEW_WINDOW)")
+	f.String("default-policy", "deny", "policy of services without an ACL file: deny or allow (SDS_DEFAULT_POLICY)")
+	f.Duration("crl-period", sds.DefaultCRLPeriod, "validity of each signed revocation list; re-signed at half of it (SDS_CRL_PERIOD)")
 	f.Bool("allow-short-ttl", false, "allow cert-ttl under 5m: tests and demos only (SDS_ALLOW_SHORT_TTL)")
 	f.String("policy-dir", "", "ACL policy directory (SDS_POLICY_DIR; default <data-dir>/policies)")
 	f.StringSlice("server-names", []string{"localhost", "127.0.0.1", "::1"}, "DNS names and IPs in the SDS server certificate (SDS_SERVER_NAMES)")
@@ -103,9 +113,7 @@ func serve(ctx context.Context, cfg *config, stdout, stderr io.Writer) error {
 		return err
 	}
 	defer kv.Close()
-	ca, err := local.Open(ctx, filepath.Join(cfg.DataDir, "ca"), local.Options{
-		TrustDomain: cfg.TrustDomain, AllowShortTTL: cfg.AllowShortTTL,
-	})
+	ca, caDesc, err := openIssuer(ctx, cfg)
 	if err != nil {
 		return err
 	}
@@ -114,19 +122,30 @@ func serve(ctx context.Context, cfg *config, stdout, stderr io.Writer) error {
 	if err != nil {
 		return err
 	}
+	defPolicy := authz.DenyAll()
+	if cfg.DefaultPolicy == "allow" {
+		if defPolicy, err = authz.AllowAll(cfg.TrustDomain); err != nil {
+			return err
+		}
+	}
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	srv, err := sds.New(ctx, sds.Config{
-		TrustDomain: cfg.TrustDomain,
-		CertTTL:     cfg.CertTTL,
-		RenewWindow: window,
-		Issuer:      ca,
-		Tokens:      bootstrap.NewRegistry(kv, time.Now),
-		Store:       kv,
-		Metrics:     sds.NewMetrics(reg),
-		Logger:      log,
+		TrustDomain:   cfg.TrustDomain,
+		CertTTL:       cfg.CertTTL,
+		RenewWindow:   window,
+		CRLPeriod:     cfg.CRLPeriod,
+		DefaultPolicy: defPolicy,
+		Issuer:        ca,
+		Tokens:        bootstrap.NewRegistry(kv, time.Now),
+		Store:         kv,
+		Metrics:       sds.NewMetrics(reg),
+		Logger:        log,
 	})
 	if err != nil {
+		return err
+	}
+	if err := srv.WatchPolicies(ctx, cfg.PolicyDir, cfg.DefaultPolicy, policyPoll); err != nil {
 		return err
 	}
 	servingCert, err := sds.NewServingCert(func() (tls.Certificate, error) {
@@ -179,7 +198,7 @@ func serve(ctx context.Context, cfg *config, stdout, stderr io.Writer) error {
 	if metricsLis != nil {
 		fmt.Fprintf(stdout, "  metrics: http://%s/metrics (health: /healthz, /readyz)\n", metricsLis.Addr())
 	}
-	fmt.Fprintf(stdout, "  data:    %s (CA in %s)\n", cfg.DataDir, filepath.Join(cfg.DataDir, "ca"))
+	fmt.Fprintf(stdout, "  data:    %s (%s)\n", cfg.DataDir, caDesc)
 	log.Info("serving", "listen_addr", sdsLis.Addr().String(), "metrics_addr", cfg.MetricsAddr, "admin_socket", cfg.AdminSocket, "data_dir", cfg.DataDir)
 
 	var firstErr error
@@ -193,6 +212,35 @@ func serve(ctx context.Context, cfg *config, stdout, stderr io.Writer) error {
 	_ = os.Remove(cfg.AdminSocket)
 	log.Info("stopped")
 	return firstErr
+}
+
+// certAuthority is what serve needs of a CA backend: workload certificates
+// and the SDS listener's own certificate, chaining to the same root.
+type certAuthority interface {
+	issuer.Issuer
+	ServerCertificate(hosts []string, ttl time.Duration) (tls.Certificate, error)
+}
+
+// openIssuer opens the configured CA backend and describes it in a line.
+func openIssuer(ctx context.Context, cfg *config) (certAuthority, string, error) {
+	if cfg.CA.Backend == backendStepCA {
+		c := cfg.CA
+		ca, err := stepca.Open(ctx, stepca.Options{
+			URL: c.URL, RootFingerprint: c.RootFingerprint, RootFile: c.RootFile,
+			Provisioner: c.Provisioner, KeyFile: c.KeyFile, PasswordFile: c.PasswordFile,
+			TrustDomain: cfg.TrustDomain, TTL: cfg.CertTTL, AllowShortTTL: cfg.AllowShortTTL,
+		})
+		if err != nil {
+			return nil, "", err
+		}
+		return ca, fmt.Sprintf("CA: step-ca at %s, provisioner %s, root sha256 %x", c.URL, c.Provisioner, sha256.Sum256(ca.Root().Raw)), nil
+	}
+	dir := filepath.Join(cfg.DataDir, "ca")
+	ca, err := local.Open(ctx, dir, local.Options{TrustDomain: cfg.TrustDomain, AllowShortTTL: cfg.AllowShortTTL})
+	if err != nil {
+		return nil, "", err
+	}
+	return ca, "CA in " + dir, nil
 }
 
 // listenUnix listens on the admin socket, readable and writable by the

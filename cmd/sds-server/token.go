@@ -91,14 +91,24 @@ func newTokenCommand() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			var out sds.TokenInfo
-			if err := c.do(cmd.Context(), "POST", "/v1/tokens/"+url.PathEscape(args[0])+"/revoke", nil, &out); err != nil {
+			withNodes, _ := cmd.Flags().GetBool("revoke-nodes")
+			path := "/v1/tokens/" + url.PathEscape(args[0]) + "/revoke"
+			if withNodes {
+				path += "?revoke_nodes=true"
+			}
+			var out sds.TokenRevokeResponse
+			if err := c.do(cmd.Context(), "POST", path, nil, &out); err != nil {
 				return err
 			}
-			fmt.Fprintf(cmd.ErrOrStderr(), "token %s (%s/%s) revoked\n", out.ID, out.Env, out.Service)
+			fmt.Fprintf(cmd.ErrOrStderr(), "token %s (%s/%s) revoked", out.ID, out.Env, out.Service)
+			if withNodes {
+				fmt.Fprintf(cmd.ErrOrStderr(), ", with %d node(s)", len(out.RevokedNodes))
+			}
+			fmt.Fprintln(cmd.ErrOrStderr())
 			return nil
 		},
 	}
+	revoke.Flags().Bool("revoke-nodes", false, "also revoke every node the token admitted (their streams end, their certificates go on the CRL)")
 	cmd.AddCommand(create, list, revoke)
 	return cmd
 }
@@ -159,6 +169,25 @@ func newNodeCommand() *cobra.Command {
 			return err
 		},
 	}
-	cmd.AddCommand(list, show)
+	revoke := &cobra.Command{
+		Use:   "revoke ID [--reason R]",
+		Short: "Revoke a node: its streams end, it gets no more certificates, and its certificates go on the CRL",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			c, err := newAdminClient(cmd)
+			if err != nil {
+				return err
+			}
+			reason, _ := cmd.Flags().GetString("reason")
+			var out sds.NodeInfo
+			if err := c.do(cmd.Context(), "POST", "/v1/nodes/"+url.PathEscape(args[0])+"/revoke", sds.NodeRevokeRequest{Reason: reason}, &out); err != nil {
+				return err
+			}
+			fmt.Fprintf(cmd.ErrOrStderr(), "node %s (%s/%s) revoked\n", out.ID, out.Env, out.Service)
+			return nil
+		},
+	}
+	revoke.Flags().String("reason", "", "why, recorded with the revocation")
+	cmd.AddCommand(list, show, revoke)
 	return cmd
 }

@@ -1,0 +1,144 @@
+package main
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"text/tabwriter"
+	"time"
+
+	"github.com/spf13/cobra"
+	"google.golang.org/protobuf/encoding/protojson"
+
+	"github.com/meshid/sds-server/authz"
+	"github.com/meshid/sds-server/issuer"
+	"github.com/meshid/sds-server/sds"
+)
+
+func newACLCommand() *cobra.Command {
+	cmd := &cobra.Command{
+		Use:   "acl",
+		Short: "Check, compile and inspect per-service ACLs ({method, resource, allow})",
+		Args:  cobra.NoArgs,
+	}
+	check := &cobra.Command{
+		Use:   "check FILE...",
+		Short: "Validate ACL files offline; prints file:entry N: reason for every problem",
+		Args:  cobra.MinimumNArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			bad := 0
+			for _, f := range args {
+				if _, err := loadACL(f, envOfPath(f)); err != nil {
+					fmt.Fprintln(cmd.OutOrStdout(), err)
+					bad++
+				}
+			}
+			if bad > 0 {
+				return fmt.Errorf("%d of %d ACL file(s) invalid", bad, len(args))
+			}
+			fmt.Fprintf(cmd.ErrOrStderr(), "%d ACL file(s) OK\n", len(args))
+			return nil
+		},
+	}
+	compile := &cobra.Command{
+		Use:   "compile --service S [--env E] FILE",
+		Short: "Print the Envoy RBAC filter config (JSON) an ACL file compiles to",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			service, _ := cmd.Flags().GetString("service")
+			env, _ := cmd.Flags().GetString("env")
+			if service == "" {
+				return usageError{errors.New("--service is required")}
+			}
+			cfg, err := loadConfig(cmd)
+			if err != nil {
+				return err
+			}
+			acl, err := loadACL(args[0], env)
+			if err != nil {
+				return err
+			}
+			rbac, err := authz.Compile(acl, authz.Identity{TrustDomain: cfg.TrustDomain, Env: env, Service: service})
+			if err != nil {
+				return err
+			}
+			out, err := protojson.MarshalOptions{Multiline: true, Indent: "  ", UseProtoNames: true}.Marshal(rbac)
+			if err != nil {
+				return err
+			}
+			_, err = fmt.Fprintln(cmd.OutOrStdout(), string(out))
+			return err
+		},
+	}
+	compile.Flags().String("service", "", "destination service the ACL protects (required)")
+	compile.Flags().String("env", "default", "environment of the destination service")
+	status := &cobra.Command{
+		Use:   "status",
+		Short: "List the policy in force per service on the running server, and files that failed to load",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			c, err := newAdminClient(cmd)
+			if err != nil {
+				return err
+			}
+			var rep sds.PolicyReport
+			if err := c.do(cmd.Context(), "GET", "/v1/acl", nil, &rep); err != nil {
+				return err
+			}
+			fmt.Fprintf(cmd.OutOrStdout(), "policy_dir %s, default policy %s\n", rep.Dir, rep.DefaultPolicy)
+			tw := tabwriter.NewWriter(cmd.OutOrStdout(), 2, 4, 2, ' ', 0)
+			fmt.Fprintln(tw, "SERVICE\tFILE\tSTATE\tENTRIES\tLOADED\tERROR")
+			for _, s := range rep.Services {
+				state, loaded := "inactive", "-"
+				if s.Active {
+					state, loaded = "active", s.LoadedAt.Format(time.RFC3339)
+				}
+				errText := "-"
+				if s.Error != "" {
+					errText = oneLine(s.Error)
+					if s.Active {
+						state = "stale" // last good policy kept
+					}
+				}
+				fmt.Fprintf(tw, "%s/%s\t%s\t%s\t%d\t%s\t%s\n", s.Env, s.Service, s.File, state, s.Entries, loaded, errText)
+			}
+			if err := tw.Flush(); err != nil {
+				return err
+			}
+			for _, s := range rep.Stray {
+				fmt.Fprintln(cmd.OutOrStdout(), "stray:", s)
+			}
+			return nil
+		},
+	}
+	cmd.AddCommand(check, compile, status)
+	return cmd
+}
+
+// loadACL reads, parses and validates one ACL file for a destination in env
+// ("" when unknown).
+func loadACL(path, env string) (authz.ACL, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, err
+	}
+	acl, err := authz.Parse(data, path)
+	if err != nil {
+		return nil, err
+	}
+	if err := acl.Validate(path, env); err != nil {
+		return nil, err
+	}
+	return acl, nil
+}
+
+// envOfPath guesses the destination's environment from the policy_dir
+// layout <env>/<service>.json, or "".
+func envOfPath(path string) string {
+	env := filepath.Base(filepath.Dir(path))
+	if issuer.ValidateName("environment", env) != nil {
+		return ""
+	}
+	return env
+}
