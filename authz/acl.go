@@ -6,7 +6,9 @@
 // "one app, one ID" talk:
 //
 //	[ { "permission": { "method": "GET", "resource": "/user/[0-9]+" },
-//	    "allow": [ "web", "staging/web", "*" ] } ]
+//	    "allow": [ "web", "staging/web" ] },
+//	  { "permission": { "method": "*", "resource": "/healthz" },
+//	    "allow": [ "*" ] } ]
 //
 // resource is an RE2 regular expression matched against the whole request
 // path, without the query string. allow names services of the destination's
@@ -62,8 +64,8 @@ type Entry struct {
 // in file order. An empty ACL allows nothing.
 type ACL []Entry
 
-// Methods lists the HTTP methods an entry may name, besides "*".
-var Methods = []string{"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE"}
+// methods lists the HTTP methods an entry may name, besides "*".
+var methods = []string{"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE"}
 
 // AnyMethod and AnyCaller are the wildcards of Permission.Method and
 // Entry.Allow.
@@ -103,6 +105,8 @@ func (e *ParseError) Error() string {
 	return b.String()
 }
 
+func (e *ParseError) Unwrap() error { return e.Err }
+
 // describedError replaces the message of an error it wraps.
 type describedError struct {
 	msg string
@@ -116,8 +120,6 @@ func (e *describedError) Unwrap() error { return e.err }
 func describe(err error, format string, args ...any) error {
 	return &describedError{msg: fmt.Sprintf(format, args...), err: err}
 }
-
-func (e *ParseError) Unwrap() error { return e.Err }
 
 // Format names an ACL file format.
 type Format string
@@ -420,9 +422,10 @@ func (e *ValidationError) Error() string {
 // environment, used to spot "web" and "<env>/web" naming the same caller;
 // pass "" when it is not known.
 //
-// Rules: the method is one of Methods or "*"; the resource is a non-empty
-// ASCII RE2 regex that Envoy will accept (see the package doc of resource
-// limits in checkResource); allow is non-empty, each caller is "service",
+// Rules: the method is GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS,
+// CONNECT, TRACE or "*"; the resource is a non-empty ASCII RE2 regex of at
+// most MaxResourceLen bytes whose RE2 program fits RegexProgramBudget (so
+// that Envoy accepts it); allow is non-empty, each caller is "service",
 // "env/service" or "*" with valid names, no caller is listed twice, and "*"
 // stands alone.
 func (a ACL) Validate(file, env string) error {
@@ -473,14 +476,14 @@ func (a ACL) Validate(file, env string) error {
 
 func checkMethod(m string) string {
 	switch {
-	case m == AnyMethod || slices.Contains(Methods, m):
+	case m == AnyMethod || slices.Contains(methods, m):
 		return ""
 	case m == "":
 		return `method is missing (use "*" for any method)`
-	case slices.Contains(Methods, strings.ToUpper(m)):
+	case slices.Contains(methods, strings.ToUpper(m)):
 		return fmt.Sprintf("method %q must be upper case: %q", m, strings.ToUpper(m))
 	}
-	return fmt.Sprintf("method %q is not one of %s or \"*\"", m, strings.Join(Methods, ", "))
+	return fmt.Sprintf("method %q is not one of %s or \"*\"", m, strings.Join(methods, ", "))
 }
 
 // checkCaller checks the syntax of one allow item.

@@ -184,7 +184,7 @@ func TestEnvoyAcceptsCompiledRBAC(t *testing.T) {
 		entry("PUT", `(?i)/files/[^/]+\.(?:png|jpe?g|gif)`, "web"),
 		entry("PATCH", `/(users|groups)/(?P<id>[0-9]+)(?:/[a-z_-]+)*`, "web"),
 	}
-	for _, m := range Methods {
+	for _, m := range methods {
 		acl = append(acl, entry(m, "/m/"+strings.ToLower(m), "web"))
 	}
 	compiled, err := Compile(acl, usersProd)

@@ -41,7 +41,7 @@ type re2Parser struct {
 
 // parseRE2 parses s (read as Latin-1: each byte is a character) into RE2's
 // parse tree.
-func parseRE2(s string) (n *re2Node, err error) {
+func parseRE2(s string) (*re2Node, error) {
 	p := &re2Parser{flags: syntax.Perl}
 	for i := 0; i < len(s); {
 		c := s[i]

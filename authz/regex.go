@@ -33,11 +33,13 @@ const (
 
 // checkResource returns why a resource regex is unusable, or "".
 //
-// Besides being valid RE2 syntax (as regexp/syntax parses it, which accepts
-// the syntax RE2 does), a resource must be ASCII. Envoy matches the path as
-// it arrives, percent-encoded, so a non-ASCII character could never match;
-// and Envoy compiles regexes in Latin-1 mode, where \x{100} is an error and a
-// class like [^/] matches a byte rather than a UTF-8 character.
+// A resource must be valid RE2 syntax, as regexp/syntax reads it (Go's
+// syntax is RE2's, except for the Unicode class names each knows, which
+// resources may not use), and stay within the program size budget. It must
+// also be ASCII: Envoy matches the path as it arrives, percent-encoded, so a
+// non-ASCII character could never match; and Envoy compiles regexes in
+// Latin-1 mode, where \x{100} is an error and a class like [^/] matches a
+// byte rather than a UTF-8 character.
 func checkResource(res string) string {
 	if res == "" {
 		return `resource is empty (use ".*" for any path)`

@@ -23,7 +23,7 @@ func TestValidateAccepts(t *testing.T) {
 		entry("CONNECT", `/(?i)[^a-z]`, "web"),
 		entry("TRACE", `/\D\W\S.`, "web"),
 	}
-	for _, m := range Methods {
+	for _, m := range methods {
 		acl = append(acl, entry(m, "/", "web"))
 	}
 	if err := acl.Validate("prod/users.json", "prod"); err != nil {
@@ -142,4 +142,25 @@ func TestValidateListsEveryProblem(t *testing.T) {
 	if err := (ACL{entry("GET", "/", "web", "prod/web")}).Validate("x.json", ""); err != nil {
 		t.Errorf("Validate without env: %v", err)
 	}
+}
+
+// FuzzCheckResource: any text gets a verdict without panicking, and an
+// accepted resource is an ASCII regex within the program size budget.
+func FuzzCheckResource(f *testing.F) {
+	for _, s := range []string{"/user", `/user/[0-9]+`, "/café", `\x{100}`, `\pL`, "(", `(?i)/a|/b{2,3}?`, `[^\s\S]`, `\Q.*\E`} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, res string) {
+		if checkResource(res) != "" {
+			return
+		}
+		for i := 0; i < len(res); i++ {
+			if res[i] >= 0x80 {
+				t.Fatalf("accepted non-ASCII %q", res)
+			}
+		}
+		if n, err := re2ProgramSize(res); err != nil || n > RegexProgramBudget {
+			t.Fatalf("accepted %q of size %d, %v", res, n, err)
+		}
+	})
 }

@@ -78,12 +78,8 @@ func newACLCommand() *cobra.Command {
 		Short: "List the policy in force per service on the running server, and files that failed to load",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			c, err := newAdminClient(cmd)
-			if err != nil {
-				return err
-			}
 			var rep sds.PolicyReport
-			if err := c.do(cmd.Context(), "GET", "/v1/acl", nil, &rep); err != nil {
+			if err := callAdmin(cmd, "GET", "/v1/acl", nil, &rep); err != nil {
 				return err
 			}
 			fmt.Fprintf(cmd.OutOrStdout(), "policy_dir %s, default policy %s\n", rep.Dir, rep.DefaultPolicy)

@@ -40,6 +40,16 @@ func newAdminClient(cmd *cobra.Command) (*adminClient, error) {
 	}, nil
 }
 
+// callAdmin sends one request to the running server's admin API and
+// decodes the JSON answer into out (if not nil).
+func callAdmin(cmd *cobra.Command, method, path string, in, out any) error {
+	c, err := newAdminClient(cmd)
+	if err != nil {
+		return err
+	}
+	return c.do(cmd.Context(), method, path, in, out)
+}
+
 // do sends a request and decodes a JSON answer into out. Errors carry the
 // server's message, or say how to reach the server.
 func (c *adminClient) do(ctx context.Context, method, path string, in, out any) error {

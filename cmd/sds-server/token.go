@@ -31,13 +31,9 @@ func newTokenCommand() *cobra.Command {
 			if service == "" {
 				return usageError{fmt.Errorf("--service is required")}
 			}
-			c, err := newAdminClient(cmd)
-			if err != nil {
-				return err
-			}
 			var out sds.TokenCreateResponse
 			req := sds.TokenCreateRequest{Service: service, Env: env, TTL: ttl.String(), Uses: uses}
-			if err := c.do(cmd.Context(), "POST", "/v1/tokens", req, &out); err != nil {
+			if err := callAdmin(cmd, "POST", "/v1/tokens", req, &out); err != nil {
 				return err
 			}
 			fmt.Fprintln(cmd.OutOrStdout(), out.Token)
@@ -60,14 +56,10 @@ func newTokenCommand() *cobra.Command {
 		Short: "List bootstrap tokens (never their secrets)",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			c, err := newAdminClient(cmd)
-			if err != nil {
-				return err
-			}
 			var out struct {
 				Tokens []sds.TokenInfo `json:"tokens"`
 			}
-			if err := c.do(cmd.Context(), "GET", "/v1/tokens", nil, &out); err != nil {
+			if err := callAdmin(cmd, "GET", "/v1/tokens", nil, &out); err != nil {
 				return err
 			}
 			tw := tabwriter.NewWriter(cmd.OutOrStdout(), 2, 4, 2, ' ', 0)
@@ -87,17 +79,13 @@ func newTokenCommand() *cobra.Command {
 		Short: "Revoke a bootstrap token: it admits and authenticates nothing from now on",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			c, err := newAdminClient(cmd)
-			if err != nil {
-				return err
-			}
 			withNodes, _ := cmd.Flags().GetBool("revoke-nodes")
 			path := "/v1/tokens/" + url.PathEscape(args[0]) + "/revoke"
 			if withNodes {
 				path += "?revoke_nodes=true"
 			}
 			var out sds.TokenRevokeResponse
-			if err := c.do(cmd.Context(), "POST", path, nil, &out); err != nil {
+			if err := callAdmin(cmd, "POST", path, nil, &out); err != nil {
 				return err
 			}
 			fmt.Fprintf(cmd.ErrOrStderr(), "token %s (%s/%s) revoked", out.ID, out.Env, out.Service)
@@ -124,14 +112,10 @@ func newNodeCommand() *cobra.Command {
 		Short: "List nodes: id, identity, status, certificate expiry, last seen",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			c, err := newAdminClient(cmd)
-			if err != nil {
-				return err
-			}
 			var out struct {
 				Nodes []sds.NodeInfo `json:"nodes"`
 			}
-			if err := c.do(cmd.Context(), "GET", "/v1/nodes", nil, &out); err != nil {
+			if err := callAdmin(cmd, "GET", "/v1/nodes", nil, &out); err != nil {
 				return err
 			}
 			tw := tabwriter.NewWriter(cmd.OutOrStdout(), 2, 4, 2, ' ', 0)
@@ -152,12 +136,8 @@ func newNodeCommand() *cobra.Command {
 		Short: "Show one node as JSON: identity, issued and serving certificate, renewal state",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			c, err := newAdminClient(cmd)
-			if err != nil {
-				return err
-			}
 			var out json.RawMessage
-			if err := c.do(cmd.Context(), "GET", "/v1/nodes/"+url.PathEscape(args[0]), nil, &out); err != nil {
+			if err := callAdmin(cmd, "GET", "/v1/nodes/"+url.PathEscape(args[0]), nil, &out); err != nil {
 				return err
 			}
 			var buf bytes.Buffer
@@ -165,7 +145,7 @@ func newNodeCommand() *cobra.Command {
 				return err
 			}
 			buf.WriteByte('\n')
-			_, err = cmd.OutOrStdout().Write(buf.Bytes())
+			_, err := cmd.OutOrStdout().Write(buf.Bytes())
 			return err
 		},
 	}
@@ -174,13 +154,9 @@ func newNodeCommand() *cobra.Command {
 		Short: "Revoke a node: its streams end, it gets no more certificates, and its certificates go on the CRL",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			c, err := newAdminClient(cmd)
-			if err != nil {
-				return err
-			}
 			reason, _ := cmd.Flags().GetString("reason")
 			var out sds.NodeInfo
-			if err := c.do(cmd.Context(), "POST", "/v1/nodes/"+url.PathEscape(args[0])+"/revoke", sds.NodeRevokeRequest{Reason: reason}, &out); err != nil {
+			if err := callAdmin(cmd, "POST", "/v1/nodes/"+url.PathEscape(args[0])+"/revoke", sds.NodeRevokeRequest{Reason: reason}, &out); err != nil {
 				return err
 			}
 			fmt.Fprintf(cmd.ErrOrStderr(), "node %s (%s/%s) revoked\n", out.ID, out.Env, out.Service)
