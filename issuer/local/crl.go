@@ -25,11 +25,14 @@ func (ca *CA) SignCRL(ctx context.Context, number *big.Int, revoked []issuer.Rev
 	if number == nil || number.Sign() < 0 {
 		return nil, errors.New("sign CRL: the CRL number must be a non-negative integer")
 	}
-	if !nextUpdate.After(thisUpdate) {
-		return nil, fmt.Errorf("sign CRL: next update %s is not after this update %s", nextUpdate, thisUpdate)
-	}
+	// Clamp first: a list clamped to an expired intermediate's end would be
+	// expired (NextUpdate <= ThisUpdate) when signed, and must be refused too.
 	if nextUpdate.After(ca.inter.NotAfter) {
 		nextUpdate = ca.inter.NotAfter
+	}
+	if !nextUpdate.After(thisUpdate) {
+		return nil, fmt.Errorf("sign CRL: next update %s (at most the intermediate's expiry, %s) is not after this update %s",
+			nextUpdate, ca.inter.NotAfter.UTC().Format(time.RFC3339), thisUpdate)
 	}
 	entries := make([]x509.RevocationListEntry, 0, len(revoked))
 	for _, r := range revoked {
