@@ -135,12 +135,15 @@ func newTestEnv(t *testing.T) *testEnv {
 	env.srv, err = New(ctx, Config{
 		TrustDomain: testTrustDomain,
 		CertTTL:     time.Hour,
-		Issuer:      env.issuer,
-		Tokens:      env.reg,
-		Store:       env.kv,
-		Metrics:     env.metrics,
-		Logger:      slog.New(slog.NewTextHandler(env.logs, &slog.HandlerOptions{Level: slog.LevelDebug})),
-		Now:         env.clock.Now,
+		// Tests move the clock by up to an hour: a CRL re-signed meanwhile would
+		// push a ROOTCA the test does not expect.
+		CRLPeriod: 24 * time.Hour,
+		Issuer:    env.issuer,
+		Tokens:    env.reg,
+		Store:     env.kv,
+		Metrics:   env.metrics,
+		Logger:    slog.New(slog.NewTextHandler(env.logs, &slog.HandlerOptions{Level: slog.LevelDebug})),
+		Now:       env.clock.Now,
 	})
 	if err != nil {
 		t.Fatalf("sds.New: %v", err)
