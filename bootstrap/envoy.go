@@ -595,7 +595,13 @@ func (p *envoyPlan) build() (*bootstrapv3.Bootstrap, error) {
 	if err != nil {
 		return nil, err
 	}
-	clusters := []*clusterv3.Cluster{xds, cluster(LocalAppClusterName, "127.0.0.1", p.ServicePort, time.Second)}
+	app := cluster(LocalAppClusterName, "127.0.0.1", p.ServicePort, time.Second)
+	appOpts, err := pack(followDownstreamProtocol(nil))
+	if err != nil {
+		return nil, err
+	}
+	app.TypedExtensionProtocolOptions = map[string]*anypb.Any{httpProtocolOptionsKey: appOpts}
+	clusters := []*clusterv3.Cluster{xds, app}
 	listeners := []*listenerv3.Listener{inbound}
 	for _, u := range p.Upstreams {
 		l, err := p.outboundListener(u)
@@ -659,6 +665,21 @@ func (p *envoyPlan) xdsCluster() (*clusterv3.Cluster, error) {
 		return nil, err
 	}
 	return c, nil
+}
+
+// followDownstreamProtocol makes a cluster speak the protocol its request
+// came in with: HTTP/1.1 stays HTTP/1.1, HTTP/2 (gRPC, h2c from the app)
+// stays HTTP/2 through both sidecars to the callee app.
+func followDownstreamProtocol(common *corev3.HttpProtocolOptions) *httpv3.HttpProtocolOptions {
+	return &httpv3.HttpProtocolOptions{
+		CommonHttpProtocolOptions: common,
+		UpstreamProtocolOptions: &httpv3.HttpProtocolOptions_UseDownstreamProtocolConfig{
+			UseDownstreamProtocolConfig: &httpv3.HttpProtocolOptions_UseDownstreamHttpConfig{
+				HttpProtocolOptions:  &corev3.Http1ProtocolOptions{},
+				Http2ProtocolOptions: &corev3.Http2ProtocolOptions{},
+			},
+		},
+	}
 }
 
 // inboundHTTPFilters returns the HTTP filter chain of the inbound listener:
@@ -758,6 +779,10 @@ func (p *envoyPlan) inboundListener() (*listenerv3.Listener, error) {
 	if err != nil {
 		return nil, err
 	}
+	// Offer both protocols: a calling sidecar's connection pool asks for
+	// the one its request came in with (gRPC needs HTTP/2 end to end).
+	inboundTLS := p.sdsTLSContext(prefix("spiffe://" + p.TrustDomain + "/"))
+	inboundTLS.AlpnProtocols = []string{"h2", "http/1.1"}
 	ts, err := tlsSocket(&tlsv3.DownstreamTlsContext{
 		RequireClientCertificate: wrapperspb.Bool(true),
 		// Every connection gets a full handshake: on a resumed session
@@ -809,12 +834,7 @@ func (p *envoyPlan) outboundListener(u Upstream) (*listenerv3.Listener, error) {
 // client certificates take effect.
 func (p *envoyPlan) outboundCluster(u Upstream) (*clusterv3.Cluster, error) {
 	c := cluster(OutboundClusterName(u.Name), u.Host, u.Port, 2*time.Second)
-	opts, err := pack(&httpv3.HttpProtocolOptions{
-		CommonHttpProtocolOptions: &corev3.HttpProtocolOptions{MaxConnectionDuration: durationpb.New(p.MaxConnectionDuration)},
-		UpstreamProtocolOptions: &httpv3.HttpProtocolOptions_ExplicitHttpConfig_{ExplicitHttpConfig: &httpv3.HttpProtocolOptions_ExplicitHttpConfig{
-			ProtocolConfig: &httpv3.HttpProtocolOptions_ExplicitHttpConfig_HttpProtocolOptions{HttpProtocolOptions: &corev3.Http1ProtocolOptions{}},
-		}},
-	})
+	opts, err := pack(followDownstreamProtocol(&corev3.HttpProtocolOptions{MaxConnectionDuration: durationpb.New(p.MaxConnectionDuration)}))
 	if err != nil {
 		return nil, err
 	}

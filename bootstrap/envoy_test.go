@@ -388,8 +388,8 @@ func TestRenderEnvoy(t *testing.T) {
 			if po.GetCommonHttpProtocolOptions().GetMaxConnectionDuration().AsDuration() != DefaultMaxConnectionDuration {
 				t.Errorf("%s max_connection_duration %v", u.name, po.GetCommonHttpProtocolOptions().GetMaxConnectionDuration())
 			}
-			if po.GetExplicitHttpConfig().GetHttpProtocolOptions() == nil {
-				t.Errorf("%s upstream is not HTTP/1.1", u.name)
+			if d := po.GetUseDownstreamProtocolConfig(); d.GetHttpProtocolOptions() == nil || d.GetHttp2ProtocolOptions() == nil {
+				t.Errorf("%s upstream does not follow the downstream protocol (HTTP/1.1 and HTTP/2)", u.name)
 			}
 			tc := unpack(t, c.GetTransportSocket().GetTypedConfig(), &tlsv3.UpstreamTlsContext{})
 			if tc.GetSni() != u.service {

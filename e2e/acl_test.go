@@ -45,11 +45,17 @@ type sidecarOpts struct {
 	service, nodeID, token string
 	routes                 []route
 	extra                  []string // more `bootstrap envoy` flags
+	appPort                int      // an app already listening; 0 starts a test app
 }
 
 func startSidecarWith(t *testing.T, srv *server, envoyBin string, o sidecarOpts) *sidecar {
 	t.Helper()
-	sc := &sidecar{name: o.service, app: startApp(t, o.service), in: freePort(t), out: map[string]int{}}
+	sc := &sidecar{name: o.service, in: freePort(t), out: map[string]int{}}
+	if o.appPort != 0 {
+		sc.app = &app{name: o.service, port: o.appPort}
+	} else {
+		sc.app = startApp(t, o.service)
+	}
 	tok := o.token
 	if tok == "" {
 		tok = strings.TrimSpace(srv.cli(t, "token", "create", "--service", o.service))
