@@ -9,9 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"log/slog"
 	"math/big"
-	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -24,15 +22,11 @@ import (
 	"time"
 
 	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
-	"github.com/prometheus/client_golang/prometheus"
-	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/status"
 
 	"github.com/meshid/sds-server/bootstrap"
 	"github.com/meshid/sds-server/issuer"
-	"github.com/meshid/sds-server/issuer/local"
 	"github.com/meshid/sds-server/store"
 )
 
@@ -107,104 +101,30 @@ func (c *crlIssuer) issuedTo(nodeID string) []*x509.Certificate {
 	return slices.Clone(c.issued[nodeID])
 }
 
-type revokeEnvOpts struct {
-	kv        store.Store   // nil: a new Memory store
-	caDir     string        // empty: a new directory
-	clock     *testClock    // nil: a new one
-	crlPeriod time.Duration // zero: DefaultCRLPeriod
-}
-
-// revokeEnv is a testEnv built with revokeEnvOpts, on a crlIssuer, with a
-// renewal window pinned at 90 % of the certificate life (renewals 54 min
-// after issuance) so that tests moving the clock know what renews when.
+// revokeEnv is a testEnv on a crlIssuer, with a renewal window pinned at
+// 90 % of the certificate life (renewals 54 min after issuance) so that
+// tests moving the clock know what renews when.
 type revokeEnv struct {
 	*testEnv
-	kv   store.Store
-	iss  *crlIssuer
-	stop func() // stops the server and closes the client; idempotent
+	iss *crlIssuer
 }
 
-func newRevokeEnv(t *testing.T, o revokeEnvOpts) *revokeEnv {
+// newRevokeEnv is newTestEnvWith for the revocation tests: o.wrapIssuer and
+// o.renewWindow are set here, and a zero o.crlPeriod means DefaultCRLPeriod
+// (not newTestEnv's 24 hours).
+func newRevokeEnv(t *testing.T, o envOptions) *revokeEnv {
 	t.Helper()
-	ctx, cancel := context.WithCancel(context.Background())
-	if o.kv == nil {
-		o.kv = store.NewMemory()
+	if o.crlPeriod == 0 {
+		o.crlPeriod = DefaultCRLPeriod
 	}
-	if o.caDir == "" {
-		o.caDir = t.TempDir()
+	o.renewWindow = RenewWindow{Lo: 0.9, Hi: 0.9}
+	var iss *crlIssuer
+	o.wrapIssuer = func(bi *bundleIssuer) issuer.Issuer {
+		iss = &crlIssuer{bundleIssuer: bi, issued: map[string][]*x509.Certificate{}}
+		return iss
 	}
-	if o.clock == nil {
-		o.clock = &testClock{}
-	}
-	ca, err := local.Open(ctx, o.caDir, local.Options{TrustDomain: testTrustDomain, AllowShortTTL: true, Now: o.clock.Now})
-	if err != nil {
-		cancel()
-		t.Fatalf("open CA: %v", err)
-	}
-	bi := &bundleIssuer{CA: ca}
-	iss := &crlIssuer{bundleIssuer: bi, issued: map[string][]*x509.Certificate{}}
-	mem, _ := o.kv.(*store.Memory)
-	env := &testEnv{ca: ca, issuer: bi, kv: mem, clock: o.clock, logs: &logBuffer{}}
-	env.reg = bootstrap.NewRegistry(o.kv, o.clock.Now)
-	env.metrics = NewMetrics(prometheus.NewRegistry())
-	env.srv, err = New(ctx, Config{
-		TrustDomain: testTrustDomain,
-		CertTTL:     time.Hour,
-		Issuer:      iss,
-		Tokens:      env.reg,
-		Store:       o.kv,
-		Metrics:     env.metrics,
-		Logger:      slog.New(slog.NewTextHandler(env.logs, &slog.HandlerOptions{Level: slog.LevelDebug})),
-		RenewWindow: RenewWindow{Lo: 0.9, Hi: 0.9},
-		CRLPeriod:   o.crlPeriod,
-		Now:         o.clock.Now,
-	})
-	if err != nil {
-		cancel()
-		t.Fatalf("sds.New: %v", err)
-	}
-	servingCert, err := NewServingCert(func() (tls.Certificate, error) {
-		return ca.ServerCertificate([]string{"127.0.0.1"}, time.Hour)
-	}, nil)
-	if err != nil {
-		cancel()
-		t.Fatalf("serving certificate: %v", err)
-	}
-	lis, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		cancel()
-		t.Fatalf("listen: %v", err)
-	}
-	env.addr = lis.Addr().String()
-	served := make(chan error, 1)
-	go func() { served <- env.srv.Serve(ctx, lis, servingCert.TLSConfig()) }()
-
-	pool := x509.NewCertPool()
-	pool.AddCert(ca.Root())
-	creds := credentials.NewTLS(&tls.Config{RootCAs: pool, ServerName: "127.0.0.1", MinVersion: tls.VersionTLS12})
-	env.conn, err = grpc.NewClient(env.addr, grpc.WithTransportCredentials(creds))
-	if err != nil {
-		cancel()
-		t.Fatalf("grpc.NewClient: %v", err)
-	}
-	var once sync.Once
-	stop := func() {
-		once.Do(func() {
-			// The connection first, so the graceful stop does not wait.
-			_ = env.conn.Close()
-			cancel()
-			select {
-			case err := <-served:
-				if err != nil {
-					t.Errorf("Serve: %v", err)
-				}
-			case <-time.After(10 * time.Second):
-				t.Errorf("Serve did not return after its context ended")
-			}
-		})
-	}
-	t.Cleanup(stop)
-	return &revokeEnv{testEnv: env, kv: o.kv, iss: iss, stop: stop}
+	env := newTestEnvWith(t, o)
+	return &revokeEnv{testEnv: env, iss: iss}
 }
 
 // ---- helpers --------------------------------------------------------------------
@@ -432,7 +352,7 @@ func getNode(t *testing.T, srv *Server, id string) *Node {
 // was issued (not the expired one) on the CRL pushed in ROOTCA to the other
 // nodes. The token itself still admits a new node.
 func TestRevokeNode(t *testing.T) {
-	env := newRevokeEnv(t, revokeEnvOpts{})
+	env := newRevokeEnv(t, envOptions{})
 	h := env.srv.AdminHandler()
 	tokA, recA := env.token(t, "frontend", 0, 0)
 	namesA := []string{SecretDefault, SecretRootCA}
@@ -585,7 +505,7 @@ func mustRecvRootCA(t *testing.T, env *revokeEnv, token string) *tlsv3.Secret {
 // TestRevokeNodeTwiceAndErrors: revoking again changes nothing; the admin API
 // answers 404 for an unknown node and 400 for a bad body.
 func TestRevokeNodeTwiceAndErrors(t *testing.T) {
-	env := newRevokeEnv(t, revokeEnvOpts{})
+	env := newRevokeEnv(t, envOptions{})
 	h := env.srv.AdminHandler()
 	ctx := context.Background()
 	tok, rec := env.token(t, "frontend", 0, 0)
@@ -654,7 +574,7 @@ func TestRevocationSurvivesRestart(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = kv1.Close() })
-	env1 := newRevokeEnv(t, revokeEnvOpts{kv: kv1, caDir: caDir, clock: clock})
+	env1 := newRevokeEnv(t, envOptions{store: kv1, caDir: caDir, clock: clock})
 	tok, rec := env1.token(t, "frontend", 0, 0)
 	_, s := env1.fetch(t, sdsSotw, tok, "a-1", SecretDefault)
 	node := env1.nodeFor(t, rec.ID, "a-1")
@@ -680,7 +600,7 @@ func TestRevocationSurvivesRestart(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = kv2.Close() })
-	env2 := newRevokeEnv(t, revokeEnvOpts{kv: kv2, caDir: caDir, clock: clock})
+	env2 := newRevokeEnv(t, envOptions{store: kv2, caDir: caDir, clock: clock})
 	if !env2.ca.Intermediate().Equal(env1.ca.Intermediate()) {
 		t.Fatal("the second server did not load the same CA")
 	}
@@ -712,7 +632,7 @@ func TestRevocationSurvivesRestart(t *testing.T) {
 // nodes it admitted alone (open streams, renewals) unless revoke_nodes=true,
 // which revokes them and lists them.
 func TestRevokeToken(t *testing.T) {
-	env := newRevokeEnv(t, revokeEnvOpts{})
+	env := newRevokeEnv(t, envOptions{})
 	h := env.srv.AdminHandler()
 	tok, rec := env.token(t, "frontend", 0, 0)
 	tokO, recO := env.token(t, "backend", 0, 0)
@@ -794,7 +714,7 @@ func TestRevokeToken(t *testing.T) {
 func TestCRLFreshness(t *testing.T) {
 	t.Parallel()
 	const period, run = 4 * time.Second, 6 * time.Second
-	env := newRevokeEnv(t, revokeEnvOpts{crlPeriod: period})
+	env := newRevokeEnv(t, envOptions{crlPeriod: period})
 	tok, rec := env.token(t, "frontend", 0, 0)
 	_, s := env.fetch(t, sdsSotw, tok, "revoked", SecretDefault)
 	node := env.nodeFor(t, rec.ID, "revoked")
@@ -874,7 +794,7 @@ func TestCRLFreshness(t *testing.T) {
 // after the last good list.
 func TestCRLRetriedAfterFailure(t *testing.T) {
 	t.Parallel()
-	env := newRevokeEnv(t, revokeEnvOpts{crlPeriod: 16 * time.Second}) // ticks every 2 s, re-signs after 8 s
+	env := newRevokeEnv(t, envOptions{crlPeriod: 16 * time.Second}) // ticks every 2 s, re-signs after 8 s
 	tok, rec := env.token(t, "frontend", 0, 0)
 	_, s := env.fetch(t, sdsSotw, tok, "a-1", SecretDefault)
 	node := env.nodeFor(t, rec.ID, "a-1")
@@ -895,7 +815,7 @@ func TestCRLRetriedAfterFailure(t *testing.T) {
 // TestRevokedEntriesExpire: an entry drops off the CRL, and out of the
 // store, once the certificate it names has expired; the node stays revoked.
 func TestRevokedEntriesExpire(t *testing.T) {
-	env := newRevokeEnv(t, revokeEnvOpts{})
+	env := newRevokeEnv(t, envOptions{})
 	ctx := context.Background()
 	tok, rec := env.token(t, "frontend", 0, 0)
 	_, s := env.fetch(t, sdsSotw, tok, "a-1", SecretDefault)
@@ -954,7 +874,7 @@ func TestRevokedEntriesExpire(t *testing.T) {
 // TestRevokeDuringRenewal: a renewal in flight when the node is revoked must
 // not hand the node a certificate missing from the CRL.
 func TestRevokeDuringRenewal(t *testing.T) {
-	env := newRevokeEnv(t, revokeEnvOpts{})
+	env := newRevokeEnv(t, envOptions{})
 	ctx := context.Background()
 	tok, rec := env.token(t, "frontend", 0, 0)
 	names := []string{SecretDefault, SecretRootCA}
@@ -1058,7 +978,7 @@ func TestRevocationHandshake(t *testing.T) {
 	if _, err := exec.LookPath("openssl"); err != nil {
 		t.Skip("openssl is not on PATH")
 	}
-	env := newRevokeEnv(t, revokeEnvOpts{})
+	env := newRevokeEnv(t, envOptions{})
 	dir := t.TempDir()
 	names := []string{SecretDefault, SecretRootCA}
 	certOf := func(sec *tlsv3.Secret) tls.Certificate {

@@ -3,14 +3,11 @@ package sds
 import (
 	"bytes"
 	"context"
-	"crypto/tls"
 	"crypto/x509"
 	"encoding/json"
 	"errors"
 	"fmt"
-	"log/slog"
 	"math/rand/v2"
-	"net"
 	"net/http"
 	"sort"
 	"strings"
@@ -21,9 +18,7 @@ import (
 
 	xdsres "github.com/envoyproxy/go-control-plane/pkg/resource/v3"
 	"github.com/prometheus/client_golang/prometheus"
-	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/status"
 
 	"github.com/meshid/sds-server/bootstrap"
@@ -592,99 +587,27 @@ func (f *flakyIssuer) Issue(ctx context.Context, req issuer.Request) (*issuer.Ce
 	return c, nil
 }
 
-type rotationOpts struct {
-	ttl          time.Duration // CertTTL; zero means one hour
-	issueTimeout time.Duration // zero means 2 s
-	workers      int           // RenewWorkers; zero means the default
-}
-
 // rotationEnv is a testEnv whose server has a short or chosen certificate
-// lifetime, an issuer the test can break, and its own metrics registry.
+// lifetime and an issuer the test can break.
 type rotationEnv struct {
 	*testEnv
 	fake *flakyIssuer
-	prom *prometheus.Registry
 }
 
-// newRotationEnv is newTestEnv with the server options the rotation tests
-// need.
-func newRotationEnv(t *testing.T, o rotationOpts) *rotationEnv {
+// newRotationEnv is newTestEnvWith with the server options the rotation
+// tests need: o.wrapIssuer is set here, and a zero o.issueTimeout means 2 s.
+func newRotationEnv(t *testing.T, o envOptions) *rotationEnv {
 	t.Helper()
-	if o.ttl == 0 {
-		o.ttl = time.Hour
-	}
 	if o.issueTimeout == 0 {
 		o.issueTimeout = 2 * time.Second
 	}
-	ctx, cancel := context.WithCancel(context.Background())
-	clock := &testClock{}
-	ca, err := local.Open(ctx, t.TempDir(), local.Options{TrustDomain: testTrustDomain, AllowShortTTL: true, Now: clock.Now})
-	if err != nil {
-		cancel()
-		t.Fatalf("open CA: %v", err)
+	var fake *flakyIssuer
+	o.wrapIssuer = func(bi *bundleIssuer) issuer.Issuer {
+		fake = &flakyIssuer{bundleIssuer: bi, byService: map[string]issueMode{}}
+		return fake
 	}
-	bi := &bundleIssuer{CA: ca}
-	env := &rotationEnv{
-		testEnv: &testEnv{ca: ca, issuer: bi, kv: store.NewMemory(), clock: clock, logs: &logBuffer{}},
-		fake:    &flakyIssuer{bundleIssuer: bi, byService: map[string]issueMode{}},
-		prom:    prometheus.NewRegistry(),
-	}
-	env.reg = bootstrap.NewRegistry(env.kv, clock.Now)
-	env.metrics = NewMetrics(env.prom)
-	env.srv, err = New(ctx, Config{
-		TrustDomain:  testTrustDomain,
-		CertTTL:      o.ttl,
-		Issuer:       env.fake,
-		Tokens:       env.reg,
-		Store:        env.kv,
-		Metrics:      env.metrics,
-		IssueTimeout: o.issueTimeout,
-		RenewWorkers: o.workers,
-		// The clock moves by up to an hour: keep the CRL loop from
-		// re-signing (and pushing a new ROOTCA) meanwhile.
-		CRLPeriod: 24 * time.Hour,
-		Logger:    slog.New(slog.NewTextHandler(env.logs, &slog.HandlerOptions{Level: slog.LevelDebug})),
-		Now:       clock.Now,
-	})
-	if err != nil {
-		cancel()
-		t.Fatalf("sds.New: %v", err)
-	}
-	servingCert, err := NewServingCert(func() (tls.Certificate, error) {
-		return ca.ServerCertificate([]string{"127.0.0.1"}, time.Hour)
-	}, nil)
-	if err != nil {
-		cancel()
-		t.Fatalf("serving certificate: %v", err)
-	}
-	lis, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		cancel()
-		t.Fatalf("listen: %v", err)
-	}
-	env.addr = lis.Addr().String()
-	served := make(chan error, 1)
-	go func() { served <- env.srv.Serve(ctx, lis, servingCert.TLSConfig()) }()
-	t.Cleanup(func() {
-		cancel()
-		select {
-		case err := <-served:
-			if err != nil {
-				t.Errorf("Serve: %v", err)
-			}
-		case <-time.After(10 * time.Second):
-			t.Errorf("Serve did not return after its context ended")
-		}
-	})
-	pool := x509.NewCertPool()
-	pool.AddCert(ca.Root())
-	creds := credentials.NewTLS(&tls.Config{RootCAs: pool, ServerName: "127.0.0.1", MinVersion: tls.VersionTLS12})
-	env.conn, err = grpc.NewClient(env.addr, grpc.WithTransportCredentials(creds))
-	if err != nil {
-		t.Fatalf("grpc.NewClient: %v", err)
-	}
-	t.Cleanup(func() { _ = env.conn.Close() })
-	return env
+	env := newTestEnvWith(t, o)
+	return &rotationEnv{testEnv: env, fake: fake}
 }
 
 // tick wakes the renewal scheduler so that it looks at the test clock
@@ -780,7 +703,7 @@ func TestRenewalPushedInWindow(t *testing.T) {
 	for _, tc := range tests {
 		t.Run(tc.v.name+"/"+tc.reply, func(t *testing.T) {
 			t.Parallel()
-			env := newRotationEnv(t, rotationOpts{ttl: ttl})
+			env := newRotationEnv(t, envOptions{certTTL: ttl})
 			token, rec := env.token(t, "frontend", 0, 0)
 			claimed := "renew-" + tc.v.name
 			r, s := env.fetch(t, tc.v, token, claimed, names...)
@@ -890,7 +813,7 @@ func TestRenewalPushedInWindow(t *testing.T) {
 func TestRenewalPushedToEveryStream(t *testing.T) {
 	t.Parallel()
 	const ttl = 4 * time.Second
-	env := newRotationEnv(t, rotationOpts{ttl: ttl})
+	env := newRotationEnv(t, envOptions{certTTL: ttl})
 	token, _ := env.token(t, "frontend", 0, 0)
 	names := []string{SecretDefault, SecretRootCA}
 	streams := map[string]xdsStream{}
@@ -956,7 +879,7 @@ func failingNode(t *testing.T, env *rotationEnv, service, claimed string) (xdsSt
 // the CA recovers a new certificate is pushed and everything clears.
 func TestRenewalFailureBackoffAndRecovery(t *testing.T) {
 	t.Parallel()
-	env := newRotationEnv(t, rotationOpts{ttl: time.Hour, issueTimeout: 500 * time.Millisecond})
+	env := newRotationEnv(t, envOptions{certTTL: time.Hour, issueTimeout: 500 * time.Millisecond})
 	s, nodeID, l1 := failingNode(t, env, "frontend", "failing")
 	s1, issuedAt := serialOf(l1), issuedAtOf(l1)
 	ctx := context.Background()
@@ -1076,7 +999,7 @@ func TestRenewalRefusesBadCertificates(t *testing.T) {
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
 			t.Parallel()
-			env := newRotationEnv(t, rotationOpts{ttl: time.Hour, issueTimeout: 300 * time.Millisecond})
+			env := newRotationEnv(t, envOptions{certTTL: time.Hour, issueTimeout: 300 * time.Millisecond})
 			s, nodeID, l1 := failingNode(t, env, "frontend", "bad-"+tc.name)
 			s1 := serialOf(l1)
 
@@ -1121,7 +1044,7 @@ func TestRenewalRefusesBadCertificates(t *testing.T) {
 // hung renewal ends at IssueTimeout as a failure.
 func TestHangingIssuerDoesNotBlockOthers(t *testing.T) {
 	t.Parallel()
-	env := newRotationEnv(t, rotationOpts{ttl: time.Hour, issueTimeout: 2 * time.Second, workers: 2})
+	env := newRotationEnv(t, envOptions{certTTL: time.Hour, issueTimeout: 2 * time.Second, renewWorkers: 2})
 	stuck, stuckID, lStuck := failingNode(t, env, "stuck", "stuck-1")
 	free, _, lFree := failingNode(t, env, "free", "free-1")
 
@@ -1177,7 +1100,7 @@ func TestHangingIssuerDoesNotBlockOthers(t *testing.T) {
 // node that never ACKed, and no longer a node once it ACKs its renewal.
 func TestServingStaleGauge(t *testing.T) {
 	t.Parallel()
-	env := newRotationEnv(t, rotationOpts{ttl: time.Hour})
+	env := newRotationEnv(t, envOptions{certTTL: time.Hour})
 	const stale = "sds_nodes_serving_stale_certificate"
 	names := []string{SecretDefault, SecretRootCA}
 	s, nodeID, l1 := failingNode(t, env, "frontend", "acked")

@@ -108,70 +108,132 @@ func (b *bundleIssuer) addRoot(c *x509.Certificate) {
 type testEnv struct {
 	ca      *local.CA
 	issuer  *bundleIssuer
-	kv      *store.Memory
+	kv      store.Store
 	reg     *bootstrap.Registry
 	clock   *testClock
+	prom    *prometheus.Registry
 	metrics *Metrics
 	logs    *logBuffer
 	srv     *Server
 	conn    *grpc.ClientConn
 	addr    string
+	// stop closes the client connection, then stops the server and waits
+	// for Serve to return; idempotent, and run at cleanup.
+	stop func()
 }
 
+// envOptions are the server set-up choices of newTestEnvWith; the zero
+// value is newTestEnv's set-up.
+type envOptions struct {
+	store store.Store // nil: a new Memory store
+	caDir string      // empty: a new directory
+	clock *testClock  // nil: a new one
+	// wrapIssuer builds the server's issuer around the built-in CA; nil:
+	// the bundleIssuer itself.
+	wrapIssuer   func(*bundleIssuer) issuer.Issuer
+	certTTL      time.Duration // zero: one hour
+	crlPeriod    time.Duration // zero: 24 hours
+	issueTimeout time.Duration // zero: the server's default
+	renewWorkers int           // zero: the server's default
+	renewWindow  RenewWindow   // zero: the server's default
+}
+
+// newTestEnv is newTestEnvWith with the default options.
 func newTestEnv(t *testing.T) *testEnv {
 	t.Helper()
+	return newTestEnvWith(t, envOptions{})
+}
+
+// newTestEnvWith starts a server set up as o says; it stops at cleanup, or
+// earlier through env.stop.
+func newTestEnvWith(t *testing.T, o envOptions) *testEnv {
+	t.Helper()
+	if o.store == nil {
+		o.store = store.NewMemory()
+	}
+	if o.caDir == "" {
+		o.caDir = t.TempDir()
+	}
+	if o.clock == nil {
+		o.clock = &testClock{}
+	}
+	if o.certTTL == 0 {
+		o.certTTL = time.Hour
+	}
+	if o.crlPeriod == 0 {
+		// Tests move the clock by up to an hour: a CRL re-signed meanwhile
+		// would push a ROOTCA the test does not expect.
+		o.crlPeriod = 24 * time.Hour
+	}
 	ctx, cancel := context.WithCancel(context.Background())
 
 	// One clock for the CA, the token registry and the server, so that
 	// moving it ages tokens and certificates alike.
-	clock := &testClock{}
-	ca, err := local.Open(ctx, t.TempDir(), local.Options{TrustDomain: testTrustDomain, AllowShortTTL: true, Now: clock.Now})
+	ca, err := local.Open(ctx, o.caDir, local.Options{TrustDomain: testTrustDomain, AllowShortTTL: true, Now: o.clock.Now})
 	if err != nil {
+		cancel()
 		t.Fatalf("open CA: %v", err)
 	}
-	env := &testEnv{ca: ca, issuer: &bundleIssuer{CA: ca}, kv: store.NewMemory(), clock: clock, logs: &logBuffer{}}
+	env := &testEnv{ca: ca, issuer: &bundleIssuer{CA: ca}, kv: o.store, clock: o.clock, prom: prometheus.NewRegistry(), logs: &logBuffer{}}
+	var iss issuer.Issuer = env.issuer
+	if o.wrapIssuer != nil {
+		iss = o.wrapIssuer(env.issuer)
+	}
 	env.reg = bootstrap.NewRegistry(env.kv, env.clock.Now)
-	env.metrics = NewMetrics(prometheus.NewRegistry())
+	env.metrics = NewMetrics(env.prom)
 	env.srv, err = New(ctx, Config{
-		TrustDomain: testTrustDomain,
-		CertTTL:     time.Hour,
-		// Tests move the clock by up to an hour: a CRL re-signed meanwhile would
-		// push a ROOTCA the test does not expect.
-		CRLPeriod: 24 * time.Hour,
-		Issuer:    env.issuer,
-		Tokens:    env.reg,
-		Store:     env.kv,
-		Metrics:   env.metrics,
-		Logger:    slog.New(slog.NewTextHandler(env.logs, &slog.HandlerOptions{Level: slog.LevelDebug})),
-		Now:       env.clock.Now,
+		TrustDomain:  testTrustDomain,
+		CertTTL:      o.certTTL,
+		CRLPeriod:    o.crlPeriod,
+		IssueTimeout: o.issueTimeout,
+		RenewWorkers: o.renewWorkers,
+		RenewWindow:  o.renewWindow,
+		Issuer:       iss,
+		Tokens:       env.reg,
+		Store:        env.kv,
+		Metrics:      env.metrics,
+		Logger:       slog.New(slog.NewTextHandler(env.logs, &slog.HandlerOptions{Level: slog.LevelDebug})),
+		Now:          env.clock.Now,
 	})
 	if err != nil {
+		cancel()
 		t.Fatalf("sds.New: %v", err)
 	}
 	servingCert, err := NewServingCert(func() (tls.Certificate, error) {
 		return ca.ServerCertificate([]string{"127.0.0.1"}, time.Hour)
 	}, nil)
 	if err != nil {
+		cancel()
 		t.Fatalf("serving certificate: %v", err)
 	}
 	lis, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
+		cancel()
 		t.Fatalf("listen: %v", err)
 	}
 	env.addr = lis.Addr().String()
 	served := make(chan error, 1)
 	go func() { served <- env.srv.Serve(ctx, lis, servingCert.TLSConfig()) }()
-	t.Cleanup(func() {
-		cancel()
-		select {
-		case err := <-served:
-			if err != nil {
-				t.Errorf("Serve: %v", err)
+	var once sync.Once
+	env.stop = func() {
+		once.Do(func() {
+			// The connection first, so the graceful stop does not wait for
+			// our streams.
+			if env.conn != nil {
+				_ = env.conn.Close()
 			}
-		case <-time.After(10 * time.Second):
-			t.Errorf("Serve did not return after its context ended")
-		}
-	})
+			cancel()
+			select {
+			case err := <-served:
+				if err != nil {
+					t.Errorf("Serve: %v", err)
+				}
+			case <-time.After(10 * time.Second):
+				t.Errorf("Serve did not return after its context ended")
+			}
+		})
+	}
+	t.Cleanup(env.stop)
 
 	pool := x509.NewCertPool()
 	pool.AddCert(ca.Root())
@@ -180,9 +242,6 @@ func newTestEnv(t *testing.T) *testEnv {
 	if err != nil {
 		t.Fatalf("grpc.NewClient: %v", err)
 	}
-	// Cleanups run last-in first-out: the connection closes before the
-	// server stops, so the graceful stop does not wait for our streams.
-	t.Cleanup(func() { _ = env.conn.Close() })
 	return env
 }
 
@@ -228,6 +287,22 @@ type xdsReq struct {
 	version     string   // SotW only
 	nonce       string
 	nack        string // error_detail message; empty means none
+}
+
+// coreNode is the node a request carries: nil when r.node is empty.
+func (r xdsReq) coreNode() *core.Node {
+	if r.node == "" {
+		return nil
+	}
+	return &core.Node{Id: r.node, Cluster: "test"}
+}
+
+// errorDetail is the NACK a request carries: nil when r.nack is empty.
+func (r xdsReq) errorDetail() *statuspb.Status {
+	if r.nack == "" {
+		return nil
+	}
+	return &statuspb.Status{Code: 3, Message: r.nack}
 }
 
 // xdsReply is one response, in either protocol.
@@ -300,19 +375,14 @@ type sotwStream struct {
 }
 
 func (s *sotwStream) send(r xdsReq) error {
-	req := &discoverygrpc.DiscoveryRequest{
+	return s.s.Send(&discoverygrpc.DiscoveryRequest{
 		TypeUrl:       xdsres.SecretType,
+		Node:          r.coreNode(),
 		ResourceNames: r.names,
 		VersionInfo:   r.version,
 		ResponseNonce: r.nonce,
-	}
-	if r.node != "" {
-		req.Node = &core.Node{Id: r.node, Cluster: "test"}
-	}
-	if r.nack != "" {
-		req.ErrorDetail = &statuspb.Status{Code: 3, Message: r.nack}
-	}
-	return s.s.Send(req)
+		ErrorDetail:   r.errorDetail(),
+	})
 }
 
 func (s *sotwStream) recv(d time.Duration) (*xdsReply, error) {
@@ -344,19 +414,14 @@ type deltaStream struct {
 }
 
 func (s *deltaStream) send(r xdsReq) error {
-	req := &discoverygrpc.DeltaDiscoveryRequest{
+	return s.s.Send(&discoverygrpc.DeltaDiscoveryRequest{
 		TypeUrl:                  xdsres.SecretType,
+		Node:                     r.coreNode(),
 		ResourceNamesSubscribe:   r.names,
 		ResourceNamesUnsubscribe: r.unsubscribe,
 		ResponseNonce:            r.nonce,
-	}
-	if r.node != "" {
-		req.Node = &core.Node{Id: r.node, Cluster: "test"}
-	}
-	if r.nack != "" {
-		req.ErrorDetail = &statuspb.Status{Code: 3, Message: r.nack}
-	}
-	return s.s.Send(req)
+		ErrorDetail:              r.errorDetail(),
+	})
 }
 
 func (s *deltaStream) recv(d time.Duration) (*xdsReply, error) {
