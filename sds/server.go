@@ -1,7 +1,8 @@
 // Package sds is sds-server's xDS server: it authenticates each Envoy stream
-// with its bootstrap token, binds it to a node, issues the node's workload
-// certificate and serves it, the trust bundle and (later) policy over SDS,
-// ECDS and ADS, in both the state-of-the-world and the delta protocol, on
+// with its bootstrap token, binds it to a node, issues and renews the node's
+// workload certificate, and serves it, the trust bundle with the CRL, the
+// node's service ACL and the revoked-certificates deny list over SDS, ECDS
+// and ADS, in both the state-of-the-world and the delta protocol, on
 // go-control-plane's server.
 package sds
 
@@ -44,12 +45,13 @@ import (
 	"github.com/meshid/sds-server/store"
 )
 
-// Secret names a sidecar may ask for (DESIGN.md "Secret names").
+// Secret names a sidecar may ask for (DESIGN.md "Secret names"), the same
+// the generated bootstraps use.
 const (
 	// SecretDefault is the stream's own certificate chain and private key.
-	SecretDefault = "default"
-	// SecretRootCA is the validation context: every trusted root.
-	SecretRootCA = "ROOTCA"
+	SecretDefault = bootstrap.SecretDefault
+	// SecretRootCA is the validation context: every trusted root and the CRL.
+	SecretRootCA = bootstrap.SecretRootCA
 )
 
 // Config configures a Server.
@@ -213,6 +215,9 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 	if cfg.CRLPeriod <= 0 {
 		cfg.CRLPeriod = DefaultCRLPeriod
 	}
+	if cfg.DefaultPolicy == nil {
+		cfg.DefaultPolicy = authz.DenyAll()
+	}
 	s := &Server{
 		cfg:     cfg,
 		log:     cfg.Logger,
@@ -224,9 +229,6 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 		draw:    newSpreader(),
 	}
 	s.sched = newScheduler(cfg.Now, s.renew)
-	if cfg.DefaultPolicy == nil {
-		cfg.DefaultPolicy = authz.DenyAll()
-	}
 	if err := s.SetPolicies(nil, cfg.DefaultPolicy); err != nil {
 		return nil, fmt.Errorf("default policy: %w", err)
 	}
