@@ -40,6 +40,11 @@ func (p *policySet) forKey(k ServiceKey) *resource {
 // extensionResource encodes an RBAC filter config as the ECDS resource
 // named name, after checking it with the proto's own validation.
 func extensionResource(name string, rbac *rbacv3.RBAC) (*resource, error) {
+	if rbac == nil {
+		// Encoded as-is it would be an RBAC filter without rules, which
+		// Envoy reads as "enforce nothing".
+		return nil, fmt.Errorf("RBAC filter %q: no config", name)
+	}
 	if err := rbac.ValidateAll(); err != nil {
 		return nil, fmt.Errorf("RBAC filter %q: %w", name, err)
 	}

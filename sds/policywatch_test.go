@@ -71,7 +71,9 @@ func TestWatchPolicies(t *testing.T) {
 	if got := servedACL(t, env, api); got.GetAction() != rbacconfigv3.RBAC_ALLOW || len(got.GetPolicies()) != 1 {
 		t.Fatalf("api's filter: %v, want its one-entry ACL", got)
 	}
-	if got := servedACL(t, env, web); len(got.GetPolicies()) != 0 || got.GetAction() != rbacconfigv3.RBAC_ALLOW {
+	// Deny-all is rules present with no policy: absent rules would enforce
+	// nothing at all.
+	if got := servedACL(t, env, web); got == nil || len(got.GetPolicies()) != 0 || got.GetAction() != rbacconfigv3.RBAC_ALLOW {
 		t.Fatalf("web (no policy file) gets %v, want deny-all", got)
 	}
 
@@ -110,5 +112,8 @@ func TestWatchPolicies(t *testing.T) {
 	if err := os.Remove(filepath.Join(dir, "default", "api.json")); err != nil {
 		t.Fatal(err)
 	}
-	waitFor("api back on deny-all", func() bool { return len(servedACL(t, env, api).GetPolicies()) == 0 })
+	waitFor("api back on deny-all", func() bool {
+		r := servedACL(t, env, api)
+		return r != nil && len(r.GetPolicies()) == 0
+	})
 }
