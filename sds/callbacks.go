@@ -179,6 +179,7 @@ func (c callbacks) closed(id int64) {
 		st.node.streams--
 		if st.node.streams == 0 {
 			s.cfg.Metrics.connectedSidecars.Dec()
+			st.node.idleSince = s.now()
 		}
 	}
 	s.mu.Unlock()

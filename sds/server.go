@@ -146,7 +146,8 @@ type liveNode struct {
 	cur     atomic.Pointer[certState]
 	revoked atomic.Bool
 
-	streams int // guarded by Server.mu
+	streams   int       // guarded by Server.mu
+	idleSince time.Time // when streams last dropped to 0; guarded by Server.mu
 
 	due       time.Time // guarded by scheduler.mu
 	heapIndex int       // position in the scheduler's heap, -1 if not scheduled
@@ -263,6 +264,7 @@ func (s *Server) refreshRootsLoop(ctx context.Context) {
 				s.log.Warn("trust bundle refresh failed; keeping the current one", "error", err)
 			}
 			cancel()
+			s.sweepIdle(2 * s.cfg.RootsRefresh)
 		}
 	}
 }
@@ -422,7 +424,7 @@ func (s *Server) liveNodeFor(rec *Node) *liveNode {
 	defer s.mu.Unlock()
 	ln := s.live[rec.ID]
 	if ln == nil {
-		ln = &liveNode{rec: *rec, heapIndex: -1, identity: issuer.Identity{
+		ln = &liveNode{rec: *rec, heapIndex: -1, idleSince: s.now(), identity: issuer.Identity{
 			TrustDomain: s.cfg.TrustDomain, Env: rec.Env, Service: rec.Service, NodeID: rec.ID,
 		}}
 		s.live[rec.ID] = ln
@@ -433,6 +435,35 @@ func (s *Server) liveNodeFor(rec *Node) *liveNode {
 		})
 	}
 	return ln
+}
+
+// sweepIdle forgets the in-memory state of nodes that have had no stream for
+// longer than grace and whose certificate has expired (nothing left to give
+// them again on reconnection), so sidecars that come and go do not grow the
+// server's memory without bound. Their records stay in the store.
+func (s *Server) sweepIdle(grace time.Duration) int {
+	now := s.now()
+	var drop []*liveNode
+	s.mu.Lock()
+	for id, ln := range s.live {
+		if ln.streams > 0 || now.Sub(ln.idleSince) < grace {
+			continue
+		}
+		if cs := ln.cur.Load(); cs != nil && cs.cert.Leaf.NotAfter.After(now) {
+			continue
+		}
+		delete(s.live, id)
+		drop = append(drop, ln)
+	}
+	s.mu.Unlock()
+	for _, ln := range drop {
+		s.sched.unschedule(ln)
+		s.cache.removeNode(ln.rec.ID)
+	}
+	if len(drop) > 0 {
+		s.log.Info("forgot idle nodes", "nodes", len(drop))
+	}
+	return len(drop)
 }
 
 // reuseFraction is how much of its life a certificate must have left to be
