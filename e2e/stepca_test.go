@@ -32,12 +32,17 @@ type stepCA struct {
 // runs it.
 func startStepCA(t *testing.T, bin string) *stepCA {
 	t.Helper()
-	ca, err := stepcainit.Init(stepcainit.Options{
-		Dir:                t.TempDir(),
-		Address:            fmt.Sprintf("127.0.0.1:%d", freePort(t)),
-		MinTLSCertDuration: 10 * time.Second,
-		MaxTLSCertDuration: 24 * time.Hour,
-	})
+	return startStepCAWith(t, bin, stepcainit.Options{})
+}
+
+// startStepCAWith is startStepCA with more options (Dir, Address and the
+// lifetime claims are set here).
+func startStepCAWith(t *testing.T, bin string, opts stepcainit.Options) *stepCA {
+	t.Helper()
+	opts.Dir = t.TempDir()
+	opts.Address = fmt.Sprintf("127.0.0.1:%d", freePort(t))
+	opts.MinTLSCertDuration, opts.MaxTLSCertDuration = 10*time.Second, 24*time.Hour
+	ca, err := stepcainit.Init(opts)
 	if err != nil {
 		t.Fatal(err)
 	}

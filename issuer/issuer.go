@@ -156,3 +156,28 @@ type CRLSigner interface {
 	// list) holding revoked, valid from thisUpdate to nextUpdate.
 	SignCRL(ctx context.Context, number *big.Int, revoked []RevokedCertificate, thisUpdate, nextUpdate time.Time) (*CRL, error)
 }
+
+// Revoker is implemented by issuers whose CA keeps its own revocation
+// records and signs its own list (step-ca), where sds-server holds no CA
+// key and so cannot sign a CRL itself: revocations are reported to the CA,
+// and the CA's list is what sidecars get in ROOTCA. It is used only when
+// the issuer is not a CRLSigner.
+type Revoker interface {
+	// Revoke records at the CA that the certificate with this serial number
+	// is revoked, with a free-text reason. Revoking a certificate the CA has
+	// already revoked is not an error. It must honour ctx.
+	Revoke(ctx context.Context, serial *big.Int, reason string) error
+	// CRL returns the CA's current revocation list, its signature checked
+	// against the CA that issues the workload certificates. It fails with
+	// an error wrapping ErrCRLNotApplicable when the list exists but cannot
+	// be used by sidecars (see there).
+	CRL(ctx context.Context) (*CRL, error)
+}
+
+// ErrCRLNotApplicable says a CA's revocation list must not be handed to
+// sidecars: for instance it names an issuing distribution point that the
+// workload certificates do not carry, so a TLS peer would find no list in
+// scope for them and refuse every certificate. Revocation then relies on
+// the other means (the deny list, the stream cut); it is a configuration
+// matter, not an outage.
+var ErrCRLNotApplicable = errors.New("the CA's revocation list does not apply to the workload certificates")

@@ -208,8 +208,8 @@ func (s *Server) handleNodeRevoke(w http.ResponseWriter, r *http.Request) {
 		s.writeErr(w, r, err)
 		return
 	}
-	if err != nil {
-		s.log.Error("revocation list not yet published", "node_id", n.ID, "error", err)
+	if err != nil { // revoked here; the CA or the CRL did not follow yet
+		s.log.Error("node revoked, but revocation is not complete everywhere", "node_id", n.ID, "error", err)
 	}
 	writeJSON(w, http.StatusOK, s.nodeInfo(*n))
 }

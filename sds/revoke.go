@@ -1,12 +1,15 @@
 package sds
 
 import (
+	"bytes"
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"math/big"
 	"strconv"
+	"strings"
 	"time"
 
 	"google.golang.org/grpc/codes"
@@ -107,10 +110,59 @@ func (s *Server) RevokeNode(ctx context.Context, id, reason string) (*Node, erro
 	}
 	s.log.Warn("node revoked", "node_id", id, "service", rec.Service, "env", rec.Env, "reason", reason,
 		"certificates_revoked", len(rec.Certs), "streams_closed", len(ends))
-	if err := s.refreshCRL(ctx); err != nil {
-		return rec, fmt.Errorf("node %s is revoked, but the revocation list could not be published yet (retrying): %w", id, err)
+	// A CA that keeps its own list (step-ca) learns of every certificate
+	// still valid, before its list is fetched. A failure leaves the node
+	// revoked here, and the deny list still applies.
+	var caErrs []error
+	if rv, ok := s.cfg.Issuer.(issuer.Revoker); ok {
+		if _, signs := s.cfg.Issuer.(issuer.CRLSigner); !signs {
+			caErrs = s.revokeAtCA(ctx, rv, id, rec.Certs, now, reason)
+		}
+	}
+	caCRLErr, err := s.refreshRevocations(ctx)
+	if err != nil {
+		caErrs = append(caErrs, fmt.Errorf("the revocation list could not be published yet (retrying): %w", err))
+	} else if caCRLErr != nil {
+		caErrs = append(caErrs, fmt.Errorf("the CA's revocation list could not be published yet (retrying): %w", caCRLErr))
+	}
+	if len(caErrs) > 0 {
+		return rec, fmt.Errorf("node %s is revoked (its streams are closed and the deny list applies), but: %w", id, errors.Join(caErrs...))
 	}
 	return rec, nil
+}
+
+// revokeAtCA has a Revoker issuer revoke every certificate of node id that
+// has not expired, going on after a failure (each logged); the error, if
+// any, names the serials the CA did not revoke.
+func (s *Server) revokeAtCA(ctx context.Context, rv issuer.Revoker, id string, certs []IssuedCert, now time.Time, reason string) []error {
+	var failed []string
+	var first error
+	revoked := 0
+	for _, c := range certs {
+		if !c.NotAfter.After(now) {
+			continue
+		}
+		serial, ok := new(big.Int).SetString(c.Serial, 16)
+		if !ok {
+			failed = append(failed, c.Serial)
+			first = cmp.Or(first, fmt.Errorf("bad serial %q", c.Serial))
+			continue
+		}
+		if err := rv.Revoke(ctx, serial, reason); err != nil {
+			s.log.Error("the CA could not revoke a certificate; the deny list still refuses it", "node_id", id, "serial", c.Serial, "error", err)
+			failed = append(failed, c.Serial)
+			first = cmp.Or(first, err)
+			continue
+		}
+		revoked++
+	}
+	if len(failed) > 0 {
+		return []error{fmt.Errorf("the CA did not revoke certificate(s) %s (%d revoked there): %w", strings.Join(failed, ", "), revoked, first)}
+	}
+	if revoked > 0 {
+		s.log.Info("certificates revoked at the CA", "node_id", id, "certificates", revoked)
+	}
+	return nil
 }
 
 // RevokeTokenNodes revokes every node admitted with a token.
@@ -135,8 +187,17 @@ func (s *Server) RevokeTokenNodes(ctx context.Context, tokenID, reason string) (
 // refreshCRL rebuilds what enforces revocations from the store, dropping
 // entries whose certificate has expired: the revoked-certificates RBAC deny
 // list (every issuer) and the signed CRL carried in ROOTCA (issuers that
-// sign one).
-func (s *Server) refreshCRL(ctx context.Context) (err error) {
+// sign one, or the CA's own list for an issuer.Revoker). A Revoker's list
+// that cannot be fetched is logged and retried by crlLoop, and is no error
+// here: the rest is in force.
+func (s *Server) refreshCRL(ctx context.Context) error {
+	_, err := s.refreshRevocations(ctx)
+	return err
+}
+
+// refreshRevocations is refreshCRL, which also returns why a Revoker's
+// list could not be published (caCRLErr).
+func (s *Server) refreshRevocations(ctx context.Context) (caCRLErr, err error) {
 	s.crlMu.Lock()
 	defer s.crlMu.Unlock()
 	defer func() {
@@ -169,11 +230,11 @@ func (s *Server) refreshCRL(ctx context.Context) (err error) {
 		return nil
 	})
 	if err != nil {
-		return fmt.Errorf("read revocations: %w", err)
+		return nil, fmt.Errorf("read revocations: %w", err)
 	}
 	deny, err := revokedDenyList(hashes)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	s.pubMu.Lock()
 	s.publishRevoked(deny)
@@ -182,20 +243,33 @@ func (s *Server) refreshCRL(ctx context.Context) (err error) {
 	if signer, ok := s.cfg.Issuer.(issuer.CRLSigner); ok {
 		number, err := s.nextCRLNumber(ctx)
 		if err != nil {
-			return err
+			return nil, err
 		}
 		crl, err := signer.SignCRL(ctx, number, entries, now.Add(-issuer.Backdate), now.Add(s.cfg.CRLPeriod))
 		if err != nil {
-			return fmt.Errorf("sign revocation list: %w", err)
+			return nil, fmt.Errorf("sign revocation list: %w", err)
 		}
 		s.pubMu.Lock()
 		err = s.publishRootCA(s.rootCA.Load().roots, crl)
 		s.pubMu.Unlock()
 		if err != nil {
-			return err
+			return nil, err
 		}
 		s.log.Info("revocation list published", "crl_number", number.String(), "entries", len(entries),
 			"next_update", crl.NextUpdate.Format(time.RFC3339))
+	} else if rv, ok := s.cfg.Issuer.(issuer.Revoker); ok {
+		if caCRLErr = s.publishRevokerCRL(ctx, rv, now); caCRLErr != nil {
+			s.revokerCRLFailedAt.Store(now.UnixNano())
+			b := s.rootCA.Load()
+			if b.crl != nil {
+				s.log.Error("the CA's revocation list could not be refreshed; keeping the last one", "error", caCRLErr,
+					"next_update", b.crl.NextUpdate.Format(time.RFC3339))
+			} else {
+				s.log.Error("the CA's revocation list could not be published; revocation relies on the deny list until it is", "error", caCRLErr)
+			}
+		} else {
+			s.revokerCRLFailedAt.Store(0)
+		}
 	}
 	s.lastRevocationRefresh.Store(now.UnixNano())
 	for _, k := range expired {
@@ -203,7 +277,50 @@ func (s *Server) refreshCRL(ctx context.Context) (err error) {
 			s.log.Warn("could not drop an expired revocation", "serial", k, "error", err)
 		}
 	}
+	return caCRLErr, nil
+}
+
+// publishRevokerCRL fetches a Revoker issuer's own list and carries it in
+// ROOTCA, unless it expires within crlMinValidity (an expired list makes
+// sidecars refuse every certificate): then the last good one stays, and
+// crlAtRisk makes the server not ready as that one nears its end. A list
+// older than the one published is not taken either. A list that does not
+// apply to the workload certificates (issuer.ErrCRLNotApplicable) is only
+// warned about: revocation relies on the deny list, as without a CRL.
+func (s *Server) publishRevokerCRL(ctx context.Context, rv issuer.Revoker, now time.Time) error {
+	crl, err := rv.CRL(ctx)
+	if errors.Is(err, issuer.ErrCRLNotApplicable) {
+		s.log.Warn("the CA's revocation list is not published to sidecars; revocation relies on the deny list", "error", err)
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("fetch the CA's revocation list: %w", err)
+	}
+	if left := crl.NextUpdate.Sub(now); left < crlMinValidity(crl) {
+		return fmt.Errorf("the CA's revocation list (this update %s) expires at %s, too soon to hand to sidecars: is the CA re-signing it (step-ca: crl.cacheDuration, crl.renewPeriod)?",
+			crl.ThisUpdate.Format(time.RFC3339), crl.NextUpdate.Format(time.RFC3339))
+	}
+	s.pubMu.Lock()
+	defer s.pubMu.Unlock()
+	b := s.rootCA.Load()
+	if b.crl != nil && crl.ThisUpdate.Before(b.crl.ThisUpdate) {
+		return fmt.Errorf("the CA returned a revocation list of %s, older than the one published (%s); keeping that one",
+			crl.ThisUpdate.Format(time.RFC3339), b.crl.ThisUpdate.Format(time.RFC3339))
+	}
+	if err := s.publishRootCA(b.roots, crl); err != nil {
+		return err
+	}
+	if b.crl == nil || !bytes.Equal(b.crl.PEM, crl.PEM) {
+		s.log.Info("the CA's revocation list published", "this_update", crl.ThisUpdate.Format(time.RFC3339),
+			"next_update", crl.NextUpdate.Format(time.RFC3339))
+	}
 	return nil
+}
+
+// crlMinValidity is how long a CA's list must still be valid to be handed
+// to sidecars: a tenth of its validity, at most a minute.
+func crlMinValidity(crl *issuer.CRL) time.Duration {
+	return min(time.Minute, crl.NextUpdate.Sub(crl.ThisUpdate)/10)
 }
 
 // nextCRLNumber returns the next CRL number, persisted so it keeps growing
@@ -240,8 +357,7 @@ func (s *Server) crlLoop(ctx context.Context) {
 			return
 		case <-tick.C:
 		}
-		last := time.Unix(0, s.lastRevocationRefresh.Load())
-		if s.now().Before(last.Add(s.cfg.CRLPeriod / 2)) {
+		if s.now().Before(s.nextRevocationRefresh()) {
 			continue
 		}
 		if err := s.refreshCRL(ctx); err != nil && ctx.Err() == nil {
@@ -250,13 +366,47 @@ func (s *Server) crlLoop(ctx context.Context) {
 	}
 }
 
-// crlAtRisk reports a revocation list within 10 % of its expiry.
+// nextRevocationRefresh is when crlLoop next rebuilds the revocations: half
+// a CRL period after the last time; for a CA's own list (issuer.Revoker)
+// also at the latest half-way to its NextUpdate, and, while fetching it
+// fails, within revokerCRLRetry.
+func (s *Server) nextRevocationRefresh() time.Time {
+	last := time.Unix(0, s.lastRevocationRefresh.Load())
+	next := last.Add(s.cfg.CRLPeriod / 2)
+	if _, signs := s.cfg.Issuer.(issuer.CRLSigner); signs {
+		return next
+	}
+	if _, ok := s.cfg.Issuer.(issuer.Revoker); !ok {
+		return next
+	}
+	if b := s.rootCA.Load(); b != nil && b.crl != nil && b.crl.NextUpdate.After(last) {
+		next = minTime(next, last.Add(b.crl.NextUpdate.Sub(last)/2))
+	}
+	if f := s.revokerCRLFailedAt.Load(); f != 0 {
+		next = minTime(next, time.Unix(0, f).Add(min(s.cfg.CRLPeriod/2, revokerCRLRetry)))
+	}
+	return next
+}
+
+// revokerCRLRetry is how soon a CA's list that could not be fetched is
+// fetched again.
+const revokerCRLRetry = 30 * time.Second
+
+func minTime(a, b time.Time) time.Time {
+	if b.Before(a) {
+		return b
+	}
+	return a
+}
+
+// crlAtRisk reports a revocation list within 10 % of its expiry (of the CRL
+// period, or of the list's own validity if that is shorter).
 func (s *Server) crlAtRisk() error {
 	b := s.rootCA.Load()
 	if b == nil || b.crl == nil {
 		return nil
 	}
-	if left := b.crl.NextUpdate.Sub(s.now()); left < s.cfg.CRLPeriod/10 {
+	if left := b.crl.NextUpdate.Sub(s.now()); left < min(s.cfg.CRLPeriod, b.crl.NextUpdate.Sub(b.crl.ThisUpdate))/10 {
 		return fmt.Errorf("revocation list expires at %s and could not be re-signed", b.crl.NextUpdate.Format(time.RFC3339))
 	}
 	return nil

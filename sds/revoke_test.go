@@ -1,6 +1,7 @@
 package sds
 
 import (
+	"cmp"
 	"context"
 	"crypto/tls"
 	"crypto/x509"
@@ -1030,5 +1031,202 @@ func TestRevocationHandshake(t *testing.T) {
 	}
 	if out, err := opensslHandshake(t, dir, certB, "ca2.pem", "revoked.pem"); err != nil {
 		t.Errorf("node B with the CRL listing A: handshake failed: %v\n%s", err, out)
+	}
+}
+
+// ---- a CA that keeps its own list (issuer.Revoker) ---------------------------
+
+// revokerIssuer is a CA like step-ca: it is not a CRLSigner, it records
+// revocations (Revoke) and serves its own list (CRL), here signed by the
+// built-in CA's intermediate. Tests can make Revoke fail for some serials
+// and have CRL return an expired list.
+type revokerIssuer struct {
+	b     *bundleIssuer
+	clock *testClock
+
+	mu         sync.Mutex
+	revoked    map[string]string // serial (hex) -> reason
+	calls      []string          // serials (hex) Revoke was called with
+	failSerial map[string]bool
+	validity   time.Duration // of each list; default 1h
+	expired    bool          // CRL returns a list whose NextUpdate is past
+	crlCalls   int
+}
+
+var _ issuer.Revoker = (*revokerIssuer)(nil)
+
+func (r *revokerIssuer) Issue(ctx context.Context, req issuer.Request) (*issuer.Certificate, error) {
+	return r.b.Issue(ctx, req)
+}
+
+func (r *revokerIssuer) Roots(ctx context.Context) ([]*x509.Certificate, error) {
+	return r.b.Roots(ctx)
+}
+
+func (r *revokerIssuer) Revoke(_ context.Context, serial *big.Int, reason string) error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	sn := fmt.Sprintf("%x", serial)
+	r.calls = append(r.calls, sn)
+	if r.failSerial[sn] {
+		return fmt.Errorf("CA unavailable for %s (test)", sn)
+	}
+	r.revoked[sn] = reason
+	return nil
+}
+
+func (r *revokerIssuer) CRL(ctx context.Context) (*issuer.CRL, error) {
+	r.mu.Lock()
+	r.crlCalls++
+	validity := cmp.Or(r.validity, time.Hour)
+	expired := r.expired
+	var entries []issuer.RevokedCertificate
+	for sn := range r.revoked {
+		n, _ := new(big.Int).SetString(sn, 16)
+		entries = append(entries, issuer.RevokedCertificate{SerialNumber: n, RevokedAt: r.clock.Now()})
+	}
+	r.mu.Unlock()
+	now := r.clock.Now().Truncate(time.Second)
+	this := now.Add(-time.Minute)
+	if expired {
+		this = now.Add(-validity - time.Minute)
+	}
+	return r.b.CA.SignCRL(ctx, big.NewInt(int64(r.crlCalls)), entries, this, this.Add(validity))
+}
+
+func (r *revokerIssuer) set(f func(*revokerIssuer)) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	f(r)
+}
+
+func newRevokerEnv(t *testing.T) (*testEnv, *revokerIssuer) {
+	t.Helper()
+	clock := &testClock{}
+	var rv *revokerIssuer
+	env := newTestEnvWith(t, envOptions{clock: clock, crlPeriod: DefaultCRLPeriod, wrapIssuer: func(b *bundleIssuer) issuer.Issuer {
+		rv = &revokerIssuer{b: b, clock: clock, revoked: map[string]string{}, failSerial: map[string]bool{}}
+		return rv
+	}})
+	return env, rv
+}
+
+// TestRevokerIssuer: with a CA that keeps its own list, RevokeNode revokes
+// every unexpired certificate of the node at the CA, and ROOTCA carries the
+// CA's list with them; a failure at the CA is reported, naming the serial,
+// but the node is revoked all the same; an expired list from the CA never
+// reaches a sidecar (the last good one stays) and makes the server not
+// ready as that one nears its end.
+func TestRevokerIssuer(t *testing.T) {
+	env, rv := newRevokerEnv(t)
+	ctx := context.Background()
+	if b := env.srv.rootCA.Load(); b.crl == nil {
+		t.Fatal("ROOTCA carries no CRL at start: the CA's list was not published")
+	}
+
+	tok, rec := env.token(t, "frontend", 0, 0)
+	names := []string{SecretDefault, SecretRootCA}
+	r, s := env.fetch(t, sdsSotw, tok, "a-1", names...)
+	ackReply(t, s, false, names, r)
+	node := env.nodeFor(t, rec.ID, "a-1")
+	for range 2 {
+		if err := forceRenew(t, env.srv, node.ID); err != nil {
+			t.Fatalf("renew: %v", err)
+		}
+	}
+	certs := getNode(t, env.srv, node.ID).Certs
+	if len(certs) != 3 {
+		t.Fatalf("node holds %d certificates, want 3", len(certs))
+	}
+	var want []string
+	for _, c := range certs {
+		want = append(want, c.Serial)
+	}
+	slices.Sort(want)
+
+	// Watcher of ROOTCA.
+	tokB, _ := env.token(t, "backend", 0, 0)
+	r, sB := env.fetch(t, sdsSotw, tokB, "b-1", SecretRootCA)
+	ackReply(t, sB, false, []string{SecretRootCA}, r)
+
+	rv.set(func(r *revokerIssuer) { r.failSerial[certs[1].Serial] = true })
+	n, err := env.srv.RevokeNode(ctx, node.ID, "key leaked")
+	if n == nil || n.Status != NodeRevoked {
+		t.Fatalf("RevokeNode: %+v, %v; want the node revoked", n, err)
+	}
+	if err == nil || !strings.Contains(err.Error(), certs[1].Serial) || !strings.Contains(err.Error(), "did not revoke") {
+		t.Errorf("RevokeNode error %v, want one naming serial %s the CA did not revoke", err, certs[1].Serial)
+	}
+	rv.mu.Lock()
+	calls := slices.Sorted(slices.Values(rv.calls))
+	reason := rv.revoked[certs[0].Serial]
+	rv.mu.Unlock()
+	if !slices.Equal(calls, want) {
+		t.Errorf("Revoke called for %v, want every unexpired certificate %v", calls, want)
+	}
+	if reason != "key leaked" {
+		t.Errorf("Revoke reason %q", reason)
+	}
+	if got := getNode(t, env.srv, node.ID); got.Status != NodeRevoked {
+		t.Errorf("node status %s after a CA failure, want revoked", got.Status)
+	}
+	// The deny list holds all three, the CA's list the two it revoked.
+	wantCA := slices.DeleteFunc(slices.Clone(want), func(s string) bool { return s == certs[1].Serial })
+	crl, _ := awaitCRL(t, env, sB, false, []string{SecretRootCA}, func(c *x509.RevocationList) bool {
+		return slices.Equal(crlSerials(c), wantCA)
+	})
+	good := env.srv.rootCA.Load().crl
+	if !crl.NextUpdate.Equal(good.NextUpdate) {
+		t.Errorf("published NextUpdate %s, CRL %s", good.NextUpdate, crl.NextUpdate)
+	}
+
+	// An expired list from the CA is refused: the last good one stays.
+	rv.set(func(r *revokerIssuer) { r.expired = true })
+	if caErr, err := env.srv.refreshRevocations(ctx); err != nil || caErr == nil || !strings.Contains(caErr.Error(), "too soon") {
+		t.Errorf("refresh with an expired CA list: %v, %v; want a CA list error", caErr, err)
+	}
+	if b := env.srv.rootCA.Load(); b.crl != good {
+		t.Fatalf("an expired CA list replaced the good one (next update %s)", b.crl.NextUpdate)
+	}
+	if err := env.srv.Ready(ctx); err != nil {
+		t.Errorf("Ready with a fresh list kept: %v", err)
+	}
+	if next := env.srv.nextRevocationRefresh(); next.After(env.clock.Now().Add(revokerCRLRetry)) {
+		t.Errorf("next refresh at %s, want a retry within %s", next, revokerCRLRetry)
+	}
+	env.clock.Advance(55 * time.Minute) // within 10 % of the kept list's end
+	if err := env.srv.Ready(ctx); err == nil || !strings.Contains(err.Error(), "revocation list expires") {
+		t.Errorf("Ready with the kept list about to expire: %v, want not ready", err)
+	}
+
+	// Fresh lists again: published, ready.
+	rv.set(func(r *revokerIssuer) { r.expired = false })
+	if caErr, err := env.srv.refreshRevocations(ctx); err != nil || caErr != nil {
+		t.Fatalf("refresh: %v, %v", caErr, err)
+	}
+	if b := env.srv.rootCA.Load(); b.crl == good || !b.crl.NextUpdate.After(env.clock.Now()) {
+		t.Error("a fresh CA list was not published")
+	}
+	if err := env.srv.Ready(ctx); err != nil {
+		t.Errorf("Ready: %v", err)
+	}
+}
+
+// TestRevokerRefreshSchedule: a CA's list is fetched again half-way to its
+// NextUpdate when that comes before half a CRL period.
+func TestRevokerRefreshSchedule(t *testing.T) {
+	env, rv := newRevokerEnv(t)
+	rv.set(func(r *revokerIssuer) { r.validity = 10 * time.Minute })
+	if err := env.srv.refreshCRL(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	b := env.srv.rootCA.Load()
+	last := time.Unix(0, env.srv.lastRevocationRefresh.Load())
+	want := last.Add(b.crl.NextUpdate.Sub(last) / 2)
+	if got := env.srv.nextRevocationRefresh(); !got.Equal(want) {
+		t.Errorf("next refresh %s, want %s (half-way to the list's next update %s)", got, want, b.crl.NextUpdate)
+	}
+	if got := env.srv.nextRevocationRefresh(); !got.Before(last.Add(DefaultCRLPeriod / 2)) {
+		t.Errorf("next refresh %s is not before half the CRL period", got)
 	}
 }

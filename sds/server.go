@@ -106,6 +106,9 @@ type Server struct {
 	// lastRevocationRefresh is when refreshCRL last succeeded (UnixNano);
 	// zero after a failure, so that crlLoop retries at its next tick.
 	lastRevocationRefresh atomic.Int64
+	// revokerCRLFailedAt is when fetching the CRL of an issuer.Revoker last
+	// failed (UnixNano), zero once it succeeds: crlLoop retries it sooner.
+	revokerCRLFailedAt atomic.Int64
 
 	mu      sync.Mutex
 	streams map[int64]*streamState

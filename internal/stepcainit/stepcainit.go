@@ -12,6 +12,7 @@
 package stepcainit
 
 import (
+	"bytes"
 	"crypto"
 	"crypto/ecdsa"
 	"crypto/elliptic"
@@ -62,10 +63,30 @@ type Options struct {
 	// uses step-ca's default leaf template (tests of the misconfiguration).
 	NoTemplate bool
 	// NoDB runs step-ca without a database (used one-time tokens are then
-	// remembered in memory only). By default a bbolt file in db/ holds them,
-	// which needs no cgo.
+	// remembered in memory only, and nothing can be revoked: no CRL). By
+	// default a bbolt file in db/ holds them and the revocations, which
+	// needs no cgo.
 	NoDB bool
+	// NoCRL leaves step-ca's CRL off. By default (with a database) ca.json
+	// has "crl": {"enabled": true, "generateOnRevoke": true,
+	// "cacheDuration": CRLCacheDuration, "idpURL": CRLURL}: step-ca re-signs
+	// its list on every revocation and about every 2/3 of the cache
+	// duration, and serves it at /1.0/crl.
+	NoCRL bool
+	// CRLCacheDuration is how long each CRL of step-ca is valid (its
+	// NextUpdate - ThisUpdate); default 1h.
+	CRLCacheDuration time.Duration
+	// CRLDistributionPoint makes the provisioner's template put CRLURL in
+	// every certificate as its CRL distribution point. step-ca marks its CRL
+	// with that URL (issuing distribution point), and a TLS peer applies
+	// such a CRL only to certificates that carry it: without it, a peer
+	// given step-ca's CRL refuses every certificate. deploy/step-ca's
+	// template does not do it (yet), so this is off by default.
+	CRLDistributionPoint bool
 }
+
+// DefaultCRLCacheDuration is the default of Options.CRLCacheDuration.
+const DefaultCRLCacheDuration = time.Hour
 
 // CA describes a created step-ca directory: what sds-server's ca.* keys
 // and a step-ca process need.
@@ -83,6 +104,9 @@ type CA struct {
 	KeyFile                 string
 	ProvisionerPasswordFile string
 	TemplateFile            string // templates/x509/sds-server.tpl
+	// CRLURL is where step-ca serves its CRL (<URL>/1.0/crl), the issuing
+	// distribution point it marks the CRL with; empty when the CRL is off.
+	CRLURL string
 }
 
 // Init creates a step-ca in opts.Dir.
@@ -200,6 +224,32 @@ func Init(opts Options) (*CA, error) {
 	}
 	if !opts.NoDB {
 		cfg.DB = &db.Config{Type: "bbolt", DataSource: filepath.Join(dir, "db", "bbolt.db")}
+		// step-ca keeps revocations and its CRL in the database: no CRL
+		// without one (step-ca would refuse to start).
+		if !opts.NoCRL {
+			if opts.CRLCacheDuration <= 0 {
+				opts.CRLCacheDuration = DefaultCRLCacheDuration
+			}
+			ca.CRLURL = ca.URL + "/1.0/crl"
+			cfg.CRL = &authconfig.CRLConfig{
+				Enabled:          true,
+				GenerateOnRevoke: true,
+				CacheDuration:    &provisioner.Duration{Duration: opts.CRLCacheDuration},
+				IDPurl:           ca.CRLURL,
+			}
+		}
+	}
+	template := stepcatemplate.X509
+	if opts.CRLDistributionPoint {
+		if ca.CRLURL == "" {
+			return nil, errors.New("stepcainit: a CRL distribution point needs the CRL (and so the database)")
+		}
+		const anchor = "\t\"basicConstraints\""
+		if !bytes.Contains(template, []byte(anchor)) {
+			return nil, errors.New("stepcainit: the template has no basicConstraints line to add the CRL distribution point before")
+		}
+		dp, _ := json.Marshal([]string{ca.CRLURL})
+		template = bytes.Replace(template, []byte(anchor), []byte("\t\"crlDistributionPoints\": "+string(dp)+",\n"+anchor), 1)
 	}
 	caJSON, err := json.MarshalIndent(cfg, "", "\t")
 	if err != nil {
@@ -231,7 +281,7 @@ func Init(opts Options) (*CA, error) {
 		{ca.PasswordFile, append(caPass, '\n'), 0o600},
 		{ca.KeyFile, []byte(encryptedKey + "\n"), 0o600},
 		{ca.ProvisionerPasswordFile, append(provPass, '\n'), 0o600},
-		{ca.TemplateFile, stepcatemplate.X509, 0o644},
+		{ca.TemplateFile, template, 0o644},
 		{ca.ConfigFile, append(caJSON, '\n'), 0o644},
 		{filepath.Join(dir, "config", "defaults.json"), append(defaults, '\n'), 0o644},
 	} {

@@ -84,6 +84,10 @@ func (iss *Issuer) Issue(ctx context.Context, req issuer.Request) (*issuer.Certi
 		return nil, &identityError{fmt.Errorf("issue certificate for %s: step-ca returned a certificate without the identity asked for (is deploy/step-ca/sds-server.tpl the x509 template of provisioner %q?): %w",
 			spiffeID, iss.provisioner, err)}
 	}
+	iss.leafCRLDP.Store(&leaf.CRLDistributionPoints)
+	if len(chain) > 1 {
+		iss.inter.Store(chain[1])
+	}
 	// IssuedAt is the requested issue time: NotBefore is backdated from it.
 	issuedAt := leaf.NotBefore.Add(issuer.Backdate)
 	pemChain := make([]byte, 0, 1600)

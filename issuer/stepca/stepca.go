@@ -29,6 +29,7 @@ import (
 	"net/url"
 	"os"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/smallstep/certificates/authority/provisioner"
@@ -110,11 +111,13 @@ func (b Bounds) String() string {
 	return fmt.Sprintf("minTLSCertDuration %s%s, maxTLSCertDuration %s%s", b.Min, src(b.MinFromProvisioner), b.Max, src(b.MaxFromProvisioner))
 }
 
-// Issuer signs certificates with step-ca. It implements issuer.Issuer and is
-// safe for concurrent use: everything but the HTTP client is immutable.
+// Issuer signs certificates with step-ca. It implements issuer.Issuer and
+// issuer.Revoker, and is safe for concurrent use: everything but the HTTP
+// clients and what the last signature showed (atomics) is immutable.
 type Issuer struct {
 	url           *url.URL
 	client        *ca.Client
+	httpc         *http.Client // verified TLS to step-ca, for what ca.Client lacks (the CRL)
 	provisioner   string
 	audience      string
 	jwk           *jose.JSONWebKey
@@ -125,9 +128,18 @@ type Issuer struct {
 	allowShortTTL bool
 	timeout       time.Duration
 	now           func() time.Time
+
+	// inter is the intermediate that signed the last workload certificate,
+	// the CA whose CRL applies to them; leafCRLDP the CRL distribution
+	// points that certificate carried.
+	inter     atomic.Pointer[x509.Certificate]
+	leafCRLDP atomic.Pointer[[]string]
 }
 
-var _ issuer.Issuer = (*Issuer)(nil)
+var (
+	_ issuer.Issuer  = (*Issuer)(nil)
+	_ issuer.Revoker = (*Issuer)(nil)
+)
 
 // Open connects to step-ca and checks everything a later Issue depends on:
 // the root (pinned by fingerprint or file), the provisioner and its key,
@@ -369,7 +381,8 @@ func (iss *Issuer) connect(ctx context.Context, fp string, fileRoots []*x509.Cer
 	for _, r := range pinned {
 		pool.AddCert(r)
 	}
-	client, err := ca.NewClient(iss.url.String(), ca.WithTransport(iss.transport(&tls.Config{RootCAs: pool})), ca.WithTimeout(iss.timeout))
+	tr := iss.transport(&tls.Config{RootCAs: pool})
+	client, err := ca.NewClient(iss.url.String(), ca.WithTransport(tr), ca.WithTimeout(iss.timeout))
 	if err != nil {
 		return permanent(fmt.Errorf("step-ca client: %w", err))
 	}
@@ -381,6 +394,7 @@ func (iss *Issuer) connect(ctx context.Context, fp string, fileRoots []*x509.Cer
 		for _, r := range pinned {
 			if c.Certificate != nil && c.Certificate.Equal(r) {
 				iss.root, iss.fingerprint, iss.client = r, fingerprint(r), client
+				iss.httpc = &http.Client{Transport: tr, Timeout: iss.timeout}
 				return nil
 			}
 		}

@@ -52,6 +52,14 @@ func freeAddr(t testing.TB) string {
 // 24h unless opts sets others; a negative MinTLSCertDuration means no claims.
 func startCA(t testing.TB, opts stepcainit.Options) *testCA {
 	t.Helper()
+	opts.NoDB = true
+	return startCAWith(t, opts)
+}
+
+// startCAWith is startCA keeping opts.NoDB: with a database (bbolt), step-ca
+// can revoke and keeps a CRL (unless opts.NoCRL).
+func startCAWith(t testing.TB, opts stepcainit.Options) *testCA {
+	t.Helper()
 	opts.Dir = t.TempDir()
 	opts.Address = freeAddr(t)
 	switch {
@@ -60,7 +68,6 @@ func startCA(t testing.TB, opts stepcainit.Options) *testCA {
 	case opts.MinTLSCertDuration == 0 && opts.MaxTLSCertDuration == 0:
 		opts.MinTLSCertDuration, opts.MaxTLSCertDuration = 10*time.Second, 24*time.Hour
 	}
-	opts.NoDB = true
 	c, err := stepcainit.Init(opts)
 	if err != nil {
 		t.Fatal(err)

@@ -1,0 +1,85 @@
+package e2e
+
+import (
+	"fmt"
+	"net/http"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/meshid/sds-server/internal/stepcainit"
+)
+
+// TestStepCARevocation revokes a node with a real step-ca process as the
+// CA: sds-server revokes its certificates at step-ca, publishes step-ca's
+// own CRL in ROOTCA, and the backend refuses the node's new connection at
+// the TLS handshake, while the other frontend is never refused. step-ca's
+// CRL names its distribution point, so the provisioner's template here puts
+// that URL in every certificate (stepcainit's CRLDistributionPoint).
+func TestStepCARevocation(t *testing.T) {
+	bin := tool(t, "SDS_SERVER_BIN", "bin/sds-server")
+	envoyBin := tool(t, "SDS_ENVOY_BIN", ".tools/bin/envoy")
+	ca := startStepCAWith(t, tool(t, "SDS_STEPCA_BIN", ".tools/bin/step-ca"), stepcainit.Options{CRLDistributionPoint: true})
+	srv := startServer(t, bin, "--config", ca.sdsConfig(t), "--crl-period", "20s")
+	eventually(t, 10*time.Second, "step-ca's CRL published", func() error {
+		if !strings.Contains(srv.out.String(), "the CA's revocation list published") {
+			return fmt.Errorf("no CRL published yet:\n%s", tail(srv.out.String(), 10))
+		}
+		return nil
+	})
+
+	backend := startSidecar(t, srv, envoyBin, "backend")
+	tok := strings.TrimSpace(srv.cli(t, "token", "create", "--service", "frontend"))
+	fe1 := startSidecarWith(t, srv, envoyBin, sidecarOpts{service: "frontend", nodeID: "frontend-1", token: tok,
+		routes: []route{{"first", backend}, {"fresh", backend}}})
+	fe2 := startSidecarWith(t, srv, envoyBin, sidecarOpts{service: "frontend", nodeID: "frontend-2", token: tok,
+		routes: []route{{"backend", backend}}})
+	fresh := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}}
+	for _, c := range []struct {
+		sc    *sidecar
+		route string
+	}{{fe1, "first"}, {fe2, "backend"}} {
+		eventually(t, 20*time.Second, c.sc.name+" reaches backend", func() error {
+			code, _, err := call(fresh, c.sc, c.route, "GET", "/hello")
+			if err == nil && code != 200 {
+				err = fmt.Errorf("status %d", code)
+			}
+			return err
+		})
+	}
+
+	verifyFails := func() int {
+		body, _ := httpGet("http://" + backend.envoy.admin + "/stats?filter=ssl.fail_verify_error")
+		n := 0
+		for _, l := range lines(body) {
+			if _, v, ok := strings.Cut(l, ": "); ok {
+				var x int
+				fmt.Sscan(v, &x)
+				n += x
+			}
+		}
+		return n
+	}
+	before := verifyFails()
+	id1, _ := nodeByClaim(t, srv, "frontend-1")
+	srv.cli(t, "node", "revoke", id1, "--reason", "e2e: key compromised")
+	if out := srv.out.String(); strings.Contains(out, "the CA could not revoke") {
+		t.Errorf("step-ca did not revoke a certificate:\n%s", tail(out, 20))
+	}
+
+	eventually(t, 10*time.Second, "frontend-1's new connection refused at the handshake", func() error {
+		code, body, err := call(fresh, fe1, "fresh", "GET", "/fresh")
+		if err == nil && code == 200 {
+			return fmt.Errorf("frontend-1 still reaches backend on a new connection (200 %q)", body)
+		}
+		if verifyFails() <= before {
+			return fmt.Errorf("got %d %v but the backend counted no certificate verification failure", code, err)
+		}
+		return nil
+	})
+	for i := range 5 {
+		if code, _, err := call(fresh, fe2, "backend", "GET", "/after"); err != nil || code != 200 {
+			t.Errorf("frontend-2 request %d after the revocation: %d %v", i, code, err)
+		}
+	}
+}
