@@ -9,6 +9,9 @@
       OU and O from the custom claim "sds" (service and environment).
   The claim's "kind" is "server" for the SDS listener's own certificate
   (serverAuth only) and "workload" otherwise (serverAuth + clientAuth).
+  Its "crl", when step-ca publishes a CRL, is the distribution point that
+  CRL is marked with: a TLS peer applies step-ca's CRL only to certificates
+  that name it.
 */ -}}
 {{- $sds := dict }}
 {{- if .Token }}{{ if hasKey .Token "sds" }}{{ $sds = .Token.sds }}{{ end }}{{ end }}
@@ -32,6 +35,9 @@
 	"extKeyUsage": ["serverAuth"],
 {{- else }}
 	"extKeyUsage": ["serverAuth", "clientAuth"],
+{{- end }}
+{{- if get $sds "crl" }}
+	"crlDistributionPoints": [{{ toJson (get $sds "crl") }}],
 {{- end }}
 	"basicConstraints": {"isCA": false}
 }

@@ -12,7 +12,6 @@
 package stepcainit
 
 import (
-	"bytes"
 	"crypto"
 	"crypto/ecdsa"
 	"crypto/elliptic"
@@ -76,13 +75,6 @@ type Options struct {
 	// CRLCacheDuration is how long each CRL of step-ca is valid (its
 	// NextUpdate - ThisUpdate); default 1h.
 	CRLCacheDuration time.Duration
-	// CRLDistributionPoint makes the provisioner's template put CRLURL in
-	// every certificate as its CRL distribution point. step-ca marks its CRL
-	// with that URL (issuing distribution point), and a TLS peer applies
-	// such a CRL only to certificates that carry it: without it, a peer
-	// given step-ca's CRL refuses every certificate. deploy/step-ca's
-	// template does not do it (yet), so this is off by default.
-	CRLDistributionPoint bool
 }
 
 // DefaultCRLCacheDuration is the default of Options.CRLCacheDuration.
@@ -240,17 +232,6 @@ func Init(opts Options) (*CA, error) {
 		}
 	}
 	template := stepcatemplate.X509
-	if opts.CRLDistributionPoint {
-		if ca.CRLURL == "" {
-			return nil, errors.New("stepcainit: a CRL distribution point needs the CRL (and so the database)")
-		}
-		const anchor = "\t\"basicConstraints\""
-		if !bytes.Contains(template, []byte(anchor)) {
-			return nil, errors.New("stepcainit: the template has no basicConstraints line to add the CRL distribution point before")
-		}
-		dp, _ := json.Marshal([]string{ca.CRLURL})
-		template = bytes.Replace(template, []byte(anchor), []byte("\t\"crlDistributionPoints\": "+string(dp)+",\n"+anchor), 1)
-	}
 	caJSON, err := json.MarshalIndent(cfg, "", "\t")
 	if err != nil {
 		return nil, err

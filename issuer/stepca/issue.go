@@ -34,6 +34,8 @@ type sdsClaim struct {
 	Kind string `json:"kind"`         // "workload" or "server"
 	OU   string `json:"ou,omitempty"` // service
 	O    string `json:"o,omitempty"`  // environment
+	// CRL is the distribution point of step-ca's CRL, for workloads.
+	CRL string `json:"crl,omitempty"`
 }
 
 // signRequest is one certificate to have step-ca sign.
@@ -74,7 +76,7 @@ func (iss *Issuer) Issue(ctx context.Context, req issuer.Request) (*issuer.Certi
 	now := iss.now().Truncate(time.Second)
 	leaf, chain, err := iss.sign(ctx, signRequest{
 		csr: csr, subject: id.NodeID, sans: []string{spiffeID},
-		claim:    sdsClaim{Kind: "workload", OU: id.Service, O: id.Env},
+		claim:    sdsClaim{Kind: "workload", OU: id.Service, O: id.Env, CRL: iss.crlDistributionPoint()},
 		issuedAt: now, notAfter: now.Add(req.TTL),
 	})
 	if err != nil {
@@ -367,4 +369,12 @@ func uriStrings(us []*url.URL) []string {
 		out = append(out, u.String())
 	}
 	return out
+}
+
+// crlDistributionPoint is the URL of step-ca's CRL, or "" when it has none.
+func (iss *Issuer) crlDistributionPoint() string {
+	if p := iss.crlDP.Load(); p != nil {
+		return *p
+	}
+	return ""
 }

@@ -102,6 +102,57 @@ func (iss *Issuer) revokeToken(serial string) (string, error) {
 // with (critical), naming the URL it serves them at.
 var oidIssuingDistributionPoint = asn1.ObjectIdentifier{2, 5, 29, 28}
 
+// fetchCRL reads and parses step-ca's current revocation list.
+func (iss *Issuer) fetchCRL(ctx context.Context) (*x509.RevocationList, []byte, error) {
+	ctx, cancel := context.WithTimeout(ctx, iss.timeout)
+	defer cancel()
+	u := iss.url.ResolveReference(&url.URL{Path: "/1.0/crl"}).String()
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, u, nil)
+	if err != nil {
+		return nil, nil, fmt.Errorf("step-ca CRL: %w", err)
+	}
+	resp, err := iss.httpc.Do(req)
+	if err != nil {
+		if ctx.Err() != nil {
+			return nil, nil, fmt.Errorf("step-ca at %s: read CRL: %w", iss.url, ctx.Err())
+		}
+		return nil, nil, iss.requestError("read CRL", err)
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(io.LimitReader(resp.Body, maxCRLSize+1))
+	if err != nil {
+		return nil, nil, fmt.Errorf("step-ca at %s: read CRL: %w", iss.url, err)
+	}
+	if resp.StatusCode != http.StatusOK {
+		msg := strings.TrimSpace(string(body))
+		var e struct {
+			Message string `json:"message"`
+		}
+		if json.Unmarshal(body, &e) == nil && e.Message != "" {
+			msg = e.Message
+		}
+		switch resp.StatusCode {
+		case http.StatusNotFound:
+			return nil, nil, fmt.Errorf("step-ca at %s serves no CRL (HTTP 404: %s): enable it in step-ca's ca.json with %s, and reload step-ca", iss.url, msg, crlSettings)
+		case http.StatusNotImplemented:
+			return nil, nil, fmt.Errorf("step-ca at %s cannot keep a CRL without a database (HTTP 501: %s): configure one in ca.json (e.g. \"db\": {\"type\": \"bbolt\", ...}) and %s", iss.url, msg, crlSettings)
+		}
+		return nil, nil, fmt.Errorf("step-ca at %s: read CRL: HTTP %d: %s", iss.url, resp.StatusCode, msg)
+	}
+	if len(body) > maxCRLSize {
+		return nil, nil, fmt.Errorf("step-ca at %s: read CRL: larger than %d bytes", iss.url, maxCRLSize)
+	}
+	der := body
+	if b, _ := pem.Decode(body); b != nil && b.Type == "X509 CRL" {
+		der = b.Bytes
+	}
+	crl, err := x509.ParseRevocationList(der)
+	if err != nil {
+		return nil, nil, fmt.Errorf("step-ca at %s: parse CRL: %w", iss.url, err)
+	}
+	return crl, der, nil
+}
+
 // CRL fetches step-ca's current revocation list (GET /1.0/crl, DER),
 // checks that the intermediate that issues the workload certificates
 // signed it, and returns it as PEM with its validity. It implements
@@ -116,51 +167,9 @@ var oidIssuingDistributionPoint = asn1.ObjectIdentifier{2, 5, 29, 28}
 // issuer.ErrCRLNotApplicable instead of returning a list that would cut
 // the whole mesh.
 func (iss *Issuer) CRL(ctx context.Context) (*issuer.CRL, error) {
-	ctx, cancel := context.WithTimeout(ctx, iss.timeout)
-	defer cancel()
-	u := iss.url.ResolveReference(&url.URL{Path: "/1.0/crl"}).String()
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, u, nil)
+	crl, der, err := iss.fetchCRL(ctx)
 	if err != nil {
-		return nil, fmt.Errorf("step-ca CRL: %w", err)
-	}
-	resp, err := iss.httpc.Do(req)
-	if err != nil {
-		if ctx.Err() != nil {
-			return nil, fmt.Errorf("step-ca at %s: read CRL: %w", iss.url, ctx.Err())
-		}
-		return nil, iss.requestError("read CRL", err)
-	}
-	defer resp.Body.Close()
-	body, err := io.ReadAll(io.LimitReader(resp.Body, maxCRLSize+1))
-	if err != nil {
-		return nil, fmt.Errorf("step-ca at %s: read CRL: %w", iss.url, err)
-	}
-	if resp.StatusCode != http.StatusOK {
-		msg := strings.TrimSpace(string(body))
-		var e struct {
-			Message string `json:"message"`
-		}
-		if json.Unmarshal(body, &e) == nil && e.Message != "" {
-			msg = e.Message
-		}
-		switch resp.StatusCode {
-		case http.StatusNotFound:
-			return nil, fmt.Errorf("step-ca at %s serves no CRL (HTTP 404: %s): enable it in step-ca's ca.json with %s, and reload step-ca", iss.url, msg, crlSettings)
-		case http.StatusNotImplemented:
-			return nil, fmt.Errorf("step-ca at %s cannot keep a CRL without a database (HTTP 501: %s): configure one in ca.json (e.g. \"db\": {\"type\": \"bbolt\", ...}) and %s", iss.url, msg, crlSettings)
-		}
-		return nil, fmt.Errorf("step-ca at %s: read CRL: HTTP %d: %s", iss.url, resp.StatusCode, msg)
-	}
-	if len(body) > maxCRLSize {
-		return nil, fmt.Errorf("step-ca at %s: read CRL: larger than %d bytes", iss.url, maxCRLSize)
-	}
-	der := body
-	if b, _ := pem.Decode(body); b != nil && b.Type == "X509 CRL" {
-		der = b.Bytes
-	}
-	crl, err := x509.ParseRevocationList(der)
-	if err != nil {
-		return nil, fmt.Errorf("step-ca at %s: parse CRL: %w", iss.url, err)
+		return nil, err
 	}
 	inter := iss.inter.Load()
 	if inter == nil {
@@ -182,8 +191,8 @@ func (iss *Issuer) CRL(ctx context.Context) (*issuer.CRL, error) {
 			have = *p
 		}
 		if !slices.ContainsFunc(idp, func(u string) bool { return slices.Contains(have, u) }) {
-			return nil, fmt.Errorf("%w: step-ca's CRL names the distribution point %s, which the certificates of provisioner %q do not carry (they carry %v); add \"crlDistributionPoints\": [%q] to its x509 template (a TLS peer would otherwise refuse every certificate)",
-				issuer.ErrCRLNotApplicable, strings.Join(idp, ", "), iss.provisioner, have, idp[0])
+			return nil, fmt.Errorf("%w: step-ca's CRL names the distribution point %s, which the certificates of provisioner %q do not carry (they carry %v); use the x509 template of deploy/step-ca, which adds it from the token, and restart sds-server after enabling the CRL (a TLS peer would otherwise refuse every certificate)",
+				issuer.ErrCRLNotApplicable, strings.Join(idp, ", "), iss.provisioner, have)
 		}
 	}
 	return &issuer.CRL{
@@ -229,4 +238,19 @@ func issuingDistributionPoints(crl *x509.RevocationList) ([]string, bool) {
 		return uris, true
 	}
 	return nil, false
+}
+
+// learnCRLDistributionPoint reads the distribution point step-ca marks its
+// CRL with, so that every workload certificate issued from now on carries it
+// (through the token's "sds" claim and the template) and step-ca's CRL
+// applies to them. Without a CRL at step-ca it leaves certificates as they
+// are: revocation then relies on the stream cut and the deny list.
+func (iss *Issuer) learnCRLDistributionPoint(ctx context.Context) {
+	crl, _, err := iss.fetchCRL(ctx)
+	if err != nil {
+		return
+	}
+	if idp, ok := issuingDistributionPoints(crl); ok && len(idp) > 0 {
+		iss.crlDP.Store(&idp[0])
+	}
 }

@@ -31,13 +31,18 @@ func parseCRL(t *testing.T, c *issuer.CRL) *x509.RevocationList {
 // (sds-server's revocation token) is on step-ca's CRL, which is signed by
 // the intermediate that issued it; revoking it again is no error.
 func TestRevokeAndCRL(t *testing.T) {
-	tc := startCAWith(t, stepcainit.Options{CRLDistributionPoint: true})
+	tc := startCAWith(t, stepcainit.Options{})
 	iss := open(t, tc.options())
 	ctx := context.Background()
 	csr, _ := workloadCSR(t, testID)
 	cert, err := iss.Issue(ctx, issuer.Request{Identity: testID, CSR: csr, TTL: time.Minute})
 	if err != nil {
 		t.Fatal(err)
+	}
+	// The shipped template names step-ca's CRL as the distribution point,
+	// learnt from step-ca at Open, so the CRL applies to the certificate.
+	if dps := cert.Leaf.CRLDistributionPoints; len(dps) != 1 || dps[0] != tc.CRLURL {
+		t.Fatalf("certificate CRL distribution points %v, want [%s]", dps, tc.CRLURL)
 	}
 	other, err := iss.Issue(ctx, issuer.Request{Identity: testID, CSR: csr, TTL: time.Minute})
 	if err != nil {
@@ -111,15 +116,23 @@ func TestCRLErrors(t *testing.T) {
 		check(t, err, "no database", `"db"`)
 	})
 	t.Run("distribution point not in the certificates", func(t *testing.T) {
+		// As if step-ca's CRL had been enabled after sds-server started:
+		// the certificates issued do not name its distribution point.
 		tc := startCAWith(t, stepcainit.Options{})
-		_, err := open(t, tc.options()).CRL(ctx)
+		iss := open(t, tc.options())
+		iss.crlDP.Store(nil)
+		csr, _ := workloadCSR(t, testID)
+		if _, err := iss.Issue(ctx, issuer.Request{Identity: testID, CSR: csr, TTL: time.Minute}); err != nil {
+			t.Fatal(err)
+		}
+		_, err := iss.CRL(ctx)
 		if !errors.Is(err, issuer.ErrCRLNotApplicable) {
 			t.Errorf("error %v does not wrap ErrCRLNotApplicable", err)
 		}
-		check(t, err, tc.CRLURL, "crlDistributionPoints")
+		check(t, err, tc.CRLURL, "deploy/step-ca", "restart sds-server")
 	})
 	t.Run("down", func(t *testing.T) {
-		tc := startCAWith(t, stepcainit.Options{CRLDistributionPoint: true})
+		tc := startCAWith(t, stepcainit.Options{})
 		opts := tc.options()
 		opts.Timeout = 300 * time.Millisecond
 		iss := open(t, opts)
@@ -134,7 +147,7 @@ func TestCRLErrors(t *testing.T) {
 		}
 	})
 	t.Run("silent", func(t *testing.T) {
-		tc := startCAWith(t, stepcainit.Options{CRLDistributionPoint: true})
+		tc := startCAWith(t, stepcainit.Options{})
 		opts := tc.options()
 		opts.Timeout = 300 * time.Millisecond
 		iss := open(t, opts)

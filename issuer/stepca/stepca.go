@@ -134,6 +134,9 @@ type Issuer struct {
 	// points that certificate carried.
 	inter     atomic.Pointer[x509.Certificate]
 	leafCRLDP atomic.Pointer[[]string]
+	// crlDP is the distribution point of step-ca's CRL, put in every
+	// workload certificate so that the CRL applies to it.
+	crlDP atomic.Pointer[string]
 }
 
 var (
@@ -193,6 +196,7 @@ func Open(ctx context.Context, opts Options) (*Issuer, error) {
 	if err := iss.checkTTL(opts.TTL); err != nil {
 		return nil, err
 	}
+	iss.learnCRLDistributionPoint(ctx)
 	// One real signature through the template: proves that step-ca accepts
 	// the tokens (audience, key, clocks), that the template yields the
 	// identity, and that the lifetime passes step-ca's global claims too.
