@@ -13,6 +13,50 @@ import (
 	"time"
 )
 
+// twoFrontends starts a backend and two frontend nodes sharing one token:
+// frontend-1 reaches the backend on two outbound listeners with separate
+// connection pools ("kept", for a connection opened before a revocation, and
+// "fresh", first used after it: a new handshake), frontend-2 on "backend".
+// It returns once both frontends reach the backend.
+func twoFrontends(t *testing.T, srv *server, envoyBin string) (backend, fe1, fe2 *sidecar) {
+	t.Helper()
+	backend = startSidecar(t, srv, envoyBin, "backend")
+	tok := strings.TrimSpace(srv.cli(t, "token", "create", "--service", "frontend"))
+	fe1 = startSidecarWith(t, srv, envoyBin, sidecarOpts{service: "frontend", nodeID: "frontend-1", token: tok,
+		routes: []route{{"kept", backend}, {"fresh", backend}}})
+	fe2 = startSidecarWith(t, srv, envoyBin, sidecarOpts{service: "frontend", nodeID: "frontend-2", token: tok,
+		routes: []route{{"backend", backend}}})
+	fresh := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}}
+	for _, c := range []struct {
+		sc    *sidecar
+		route string
+	}{{fe1, "kept"}, {fe2, "backend"}} {
+		eventually(t, 20*time.Second, c.sc.name+" reaches backend", func() error {
+			code, _, err := call(fresh, c.sc, c.route, "GET", "/hello")
+			if err == nil && code != 200 {
+				err = fmt.Errorf("status %d", code)
+			}
+			return err
+		})
+	}
+	return backend, fe1, fe2
+}
+
+// verifyFailures counts the client certificates a sidecar refused at the
+// TLS handshake (a revoked certificate shows up here).
+func verifyFailures(sc *sidecar) int {
+	body, _ := httpGet("http://" + sc.envoy.admin + "/stats?filter=ssl.fail_verify_error")
+	n := 0
+	for _, l := range lines(body) {
+		if _, v, ok := strings.Cut(l, ": "); ok {
+			var x int
+			fmt.Sscan(v, &x)
+			n += x
+		}
+	}
+	return n
+}
+
 // nodeByClaim finds a node's server ID by the node.id its sidecar claims.
 func nodeByClaim(t *testing.T, srv *server, claimed string) (id string, streams int) {
 	t.Helper()
@@ -43,28 +87,8 @@ func TestRevocation(t *testing.T) {
 	envoyBin := tool(t, "SDS_ENVOY_BIN", ".tools/bin/envoy")
 	srv := startServer(t, bin, "--crl-period", "20s")
 
-	backend := startSidecar(t, srv, envoyBin, "backend")
-	tok := strings.TrimSpace(srv.cli(t, "token", "create", "--service", "frontend"))
-	// fe1 reaches the backend on two outbound listeners with separate
-	// connection pools: "kept" carries a keep-alive connection opened before
-	// the revocation, "fresh" is first used after it (a new handshake).
-	fe1 := startSidecarWith(t, srv, envoyBin, sidecarOpts{service: "frontend", nodeID: "frontend-1", token: tok,
-		routes: []route{{"kept", backend}, {"fresh", backend}}})
-	fe2 := startSidecarWith(t, srv, envoyBin, sidecarOpts{service: "frontend", nodeID: "frontend-2", token: tok,
-		routes: []route{{"backend", backend}}})
+	backend, fe1, fe2 := twoFrontends(t, srv, envoyBin)
 	fresh := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}}
-	for _, c := range []struct {
-		sc    *sidecar
-		route string
-	}{{fe1, "kept"}, {fe2, "backend"}} {
-		eventually(t, 20*time.Second, c.sc.name+" reaches backend", func() error {
-			code, _, err := call(fresh, c.sc, c.route, "GET", "/hello")
-			if err == nil && code != 200 {
-				err = fmt.Errorf("status %d", code)
-			}
-			return err
-		})
-	}
 
 	// fe2 sends steady traffic throughout; none of it may fail.
 	var sent, failed atomic.Int64
@@ -149,20 +173,7 @@ func TestRevocation(t *testing.T) {
 	}
 
 	// A new connection from fe1: refused at the TLS handshake by the CRL.
-	verifyFails := func() int {
-		n := 0
-		for _, s := range []string{"ssl.fail_verify_error", "ssl.fail_verify_no_cert"} {
-			body, _ := httpGet("http://" + backend.envoy.admin + "/stats?filter=" + s)
-			for _, l := range lines(body) {
-				if _, v, ok := strings.Cut(l, ": "); ok {
-					var x int
-					fmt.Sscan(v, &x)
-					n += x
-				}
-			}
-		}
-		return n
-	}
+	verifyFails := func() int { return verifyFailures(backend) }
 	before := verifyFails()
 	eventually(t, 5*time.Second, "frontend-1's new connection refused", func() error {
 		code, body, err := call(fresh, fe1, "fresh", "GET", "/fresh")

@@ -28,38 +28,9 @@ func TestStepCARevocation(t *testing.T) {
 		return nil
 	})
 
-	backend := startSidecar(t, srv, envoyBin, "backend")
-	tok := strings.TrimSpace(srv.cli(t, "token", "create", "--service", "frontend"))
-	fe1 := startSidecarWith(t, srv, envoyBin, sidecarOpts{service: "frontend", nodeID: "frontend-1", token: tok,
-		routes: []route{{"first", backend}, {"fresh", backend}}})
-	fe2 := startSidecarWith(t, srv, envoyBin, sidecarOpts{service: "frontend", nodeID: "frontend-2", token: tok,
-		routes: []route{{"backend", backend}}})
+	backend, fe1, fe2 := twoFrontends(t, srv, envoyBin)
 	fresh := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}}
-	for _, c := range []struct {
-		sc    *sidecar
-		route string
-	}{{fe1, "first"}, {fe2, "backend"}} {
-		eventually(t, 20*time.Second, c.sc.name+" reaches backend", func() error {
-			code, _, err := call(fresh, c.sc, c.route, "GET", "/hello")
-			if err == nil && code != 200 {
-				err = fmt.Errorf("status %d", code)
-			}
-			return err
-		})
-	}
-
-	verifyFails := func() int {
-		body, _ := httpGet("http://" + backend.envoy.admin + "/stats?filter=ssl.fail_verify_error")
-		n := 0
-		for _, l := range lines(body) {
-			if _, v, ok := strings.Cut(l, ": "); ok {
-				var x int
-				fmt.Sscan(v, &x)
-				n += x
-			}
-		}
-		return n
-	}
+	verifyFails := func() int { return verifyFailures(backend) }
 	before := verifyFails()
 	id1, _ := nodeByClaim(t, srv, "frontend-1")
 	srv.cli(t, "node", "revoke", id1, "--reason", "e2e: key compromised")
