@@ -319,3 +319,37 @@ func runCmd(name string, args ...string) (string, error) {
 	out, err := exec.Command(name, args...).CombinedOutput()
 	return string(out), err
 }
+
+// background runs functions on tickers (traffic, pollers) until stop, which
+// waits for them; stop also runs at cleanup. Every loop is bounded by the
+// test's life.
+type background struct {
+	done chan struct{}
+	wg   sync.WaitGroup
+	stop func()
+}
+
+func newBackground(t *testing.T) *background {
+	b := &background{done: make(chan struct{})}
+	b.stop = sync.OnceFunc(func() { close(b.done); b.wg.Wait() })
+	t.Cleanup(b.stop)
+	return b
+}
+
+// every calls f every d until stop.
+func (b *background) every(d time.Duration, f func()) {
+	b.wg.Add(1)
+	go func() {
+		defer b.wg.Done()
+		tick := time.NewTicker(d)
+		defer tick.Stop()
+		for {
+			select {
+			case <-b.done:
+				return
+			case <-tick.C:
+				f()
+			}
+		}
+	}()
+}

@@ -94,38 +94,18 @@ func TestRevocation(t *testing.T) {
 	var sent, failed atomic.Int64
 	var failMu sync.Mutex
 	var failures []string
-	stop := make(chan struct{})
-	var wg sync.WaitGroup
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		tick := time.NewTicker(50 * time.Millisecond)
-		defer tick.Stop()
-		for {
-			select {
-			case <-stop:
-				return
-			case <-tick.C:
-			}
-			sent.Add(1)
-			code, _, err := call(fresh, fe2, "backend", "GET", "/steady")
-			if err != nil || code != 200 {
-				failed.Add(1)
-				failMu.Lock()
-				failures = append(failures, fmt.Sprintf("%d %v", code, err))
-				failMu.Unlock()
-			}
+	bg := newBackground(t)
+	bg.every(50*time.Millisecond, func() {
+		sent.Add(1)
+		code, _, err := call(fresh, fe2, "backend", "GET", "/steady")
+		if err != nil || code != 200 {
+			failed.Add(1)
+			failMu.Lock()
+			failures = append(failures, fmt.Sprintf("%d %v", code, err))
+			failMu.Unlock()
 		}
-	}()
-	stopTraffic := func() {
-		select {
-		case <-stop:
-		default:
-			close(stop)
-			wg.Wait()
-		}
-	}
-	defer stopTraffic()
+	})
+	stopTraffic := bg.stop
 
 	// The keep-alive connection through fe1, opened before the revocation.
 	var newConns atomic.Int64

@@ -131,8 +131,7 @@ func TestRotation(t *testing.T) {
 
 	watchers := map[string]*certWatcher{"frontend": {known: map[string]bool{}}, "backend": {known: map[string]bool{}}}
 	admins := map[string]string{"frontend": m.frontend.admin, "backend": m.backend.admin}
-	done := make(chan struct{})
-	var wg sync.WaitGroup
+	bg := newBackground(t)
 	var sent, failed, keepAliveReused atomic.Int64
 	var failMu sync.Mutex
 	var failures []string
@@ -161,19 +160,6 @@ func TestRotation(t *testing.T) {
 			fail(resp.Status)
 		}
 	}
-	loop := func(every time.Duration, f func()) {
-		defer wg.Done()
-		tick := time.NewTicker(every)
-		defer tick.Stop()
-		for {
-			select {
-			case <-done:
-				return
-			case <-tick.C:
-				f()
-			}
-		}
-	}
 	// New connections: 15 requests/s, each on a fresh connection.
 	fresh := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}}
 	// One long-lived keep-alive connection: 10 requests/s.
@@ -183,10 +169,9 @@ func TestRotation(t *testing.T) {
 			keepAliveReused.Add(1)
 		}
 	}}
-	wg.Add(3)
-	go loop(time.Second/15, func() { do(fresh, nil) })
-	go loop(time.Second/10, func() { do(keep, trace) })
-	go loop(200*time.Millisecond, func() {
+	bg.every(time.Second/15, func() { do(fresh, nil) })
+	bg.every(time.Second/10, func() { do(keep, trace) })
+	bg.every(200*time.Millisecond, func() {
 		for name, w := range watchers {
 			w.poll(admins[name])
 		}
@@ -202,8 +187,7 @@ func TestRotation(t *testing.T) {
 		time.Sleep(time.Second)
 	}
 	time.Sleep(2 * time.Second) // traffic on the last certificates too
-	close(done)
-	wg.Wait()
+	bg.stop()
 
 	t.Logf("requests: %d sent, %d failed, %d on the reused keep-alive connection", sent.Load(), failed.Load(), keepAliveReused.Load())
 	if failed.Load() != 0 {

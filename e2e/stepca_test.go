@@ -158,8 +158,7 @@ func TestStepCA(t *testing.T) {
 
 	watchers := map[string]*certWatcher{"frontend": {known: map[string]bool{}}, "backend": {known: map[string]bool{}}}
 	admins := map[string]string{"frontend": m.frontend.admin, "backend": m.backend.admin}
-	done := make(chan struct{})
-	var wg sync.WaitGroup
+	bg := newBackground(t)
 	var sent atomic.Int64
 	var failMu sync.Mutex
 	var failures []failure
@@ -182,29 +181,14 @@ func TestStepCA(t *testing.T) {
 			failMu.Unlock()
 		}
 	}
-	loop := func(every time.Duration, f func()) {
-		defer wg.Done()
-		tick := time.NewTicker(every)
-		defer tick.Stop()
-		for {
-			select {
-			case <-done:
-				return
-			case <-tick.C:
-				f()
-			}
-		}
-	}
-	wg.Add(3)
-	go loop(time.Second/10, func() { do(fresh) })
-	go loop(time.Second/10, func() { do(keep) })
-	go loop(200*time.Millisecond, func() {
+	bg.every(time.Second/10, func() { do(fresh) })
+	bg.every(time.Second/10, func() { do(keep) })
+	bg.every(200*time.Millisecond, func() {
 		for name, w := range watchers {
 			w.poll(admins[name])
 		}
 	})
-	stopTraffic := sync.OnceFunc(func() { close(done); wg.Wait() })
-	t.Cleanup(stopTraffic)
+	stopTraffic := bg.stop
 	waitCerts := func(what string, timeout time.Duration, ok func(certs []servedCert) bool) {
 		t.Helper()
 		deadline := time.Now().Add(timeout)
