@@ -228,20 +228,27 @@ func TestACL(t *testing.T) {
 	if code, _ := keepCall("GET", "/rows/7"); code != 200 {
 		t.Fatalf("keep-alive GET before the edit: %d, want 200", code)
 	}
-	dbConns := statValue(t, db.envoy.admin, "http.inbound.downstream_cx_total")
+	// Connections api's sidecar opened to db: the pooled one must survive.
+	apiToDB := statValue(t, api.envoy.admin, "cluster.out_db.upstream_cx_total")
 
-	// A valid edit (YAML this time) reaches the sidecars within 2 s.
+	// A valid edit (YAML this time) reaches the sidecars within 2 s. The
+	// YAML file is written before the JSON one goes: meanwhile two files
+	// claim db, an error that keeps the last good policy (removing first
+	// would put db on the default deny-all for a moment).
+	writeFile(t, filepath.Join(policyDir, "default", "db.yaml"), dbACLEdited)
 	if err := os.Remove(filepath.Join(policyDir, "default", "db.json")); err != nil {
 		t.Fatal(err)
 	}
-	writeFile(t, filepath.Join(policyDir, "default", "db.yaml"), dbACLEdited)
 	edited := time.Now()
 	var flipped time.Duration
 	for time.Since(edited) < 5*time.Second {
+		// Both new decisions, so that a deny-all cannot pass for the edit.
 		code, body := keepCall("GET", "/rows/7")
 		if code == 403 && strings.Contains(body, "RBAC: access denied") {
-			flipped = time.Since(edited)
-			break
+			if webCode, _, _ := call(fresh, web, "db", "GET", "/rows/1"); webCode == 200 {
+				flipped = time.Since(edited)
+				break
+			}
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
@@ -252,8 +259,8 @@ func TestACL(t *testing.T) {
 	if conns != 1 {
 		t.Errorf("the keep-alive client opened %d connections, want 1: the connection was closed", conns)
 	}
-	if got := statValue(t, db.envoy.admin, "http.inbound.downstream_cx_total"); got != dbConns {
-		t.Errorf("db sidecar accepted %d new connections across the edit, want 0: the pooled connection was closed", got-dbConns)
+	if got := statValue(t, api.envoy.admin, "cluster.out_db.upstream_cx_total"); got != apiToDB {
+		t.Errorf("api's sidecar opened %d new connections to db across the edit, want 0: the pooled connection was closed", got-apiToDB)
 	}
 	if code, _, _ := call(fresh, web, "db", "GET", "/rows/1"); code != 200 {
 		t.Errorf("web -> db GET /rows/1 after the edit: %d, want 200", code)
