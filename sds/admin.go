@@ -72,7 +72,7 @@ func (s *Server) AdminHandler() http.Handler {
 	mux.HandleFunc("POST /v1/nodes/{id}/revoke", s.handleNodeRevoke)
 	mux.HandleFunc("GET /v1/roots", s.handleRoots)
 	mux.HandleFunc("GET /v1/acl", s.handleACL)
-	return mux
+	return jsonErrors(mux)
 }
 
 func writeJSON(w http.ResponseWriter, code int, v any) {
@@ -102,9 +102,7 @@ func (s *Server) writeErr(w http.ResponseWriter, r *http.Request, err error) {
 
 func (s *Server) handleTokenCreate(w http.ResponseWriter, r *http.Request) {
 	var req TokenCreateRequest
-	dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, 1<<16))
-	dec.DisallowUnknownFields()
-	if err := dec.Decode(&req); err != nil {
+	if err := decodeJSON(w, r, &req); err != nil {
 		writeError(w, http.StatusBadRequest, fmt.Errorf("bad request body: %w", err))
 		return
 	}
@@ -192,9 +190,7 @@ type NodeRevokeRequest struct {
 func (s *Server) handleNodeRevoke(w http.ResponseWriter, r *http.Request) {
 	var req NodeRevokeRequest
 	if r.ContentLength != 0 {
-		dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, 1<<16))
-		dec.DisallowUnknownFields()
-		if err := dec.Decode(&req); err != nil {
+		if err := decodeJSON(w, r, &req); err != nil {
 			writeError(w, http.StatusBadRequest, fmt.Errorf("bad request body: %w", err))
 			return
 		}

@@ -1,0 +1,94 @@
+package sds
+
+import (
+	"context"
+	"encoding/json"
+	"net/http"
+	"strings"
+	"testing"
+)
+
+// Found by FuzzAdminAPI: a body with a second JSON value or stray text after
+// the object was accepted and its tail silently dropped; and requests with no
+// route got ServeMux's plain-text errors instead of the JSON error body that
+// every other admin error has.
+func TestAdminAPIStrictBodiesAndJSONErrors(t *testing.T) {
+	env := newTestEnv(t)
+	h := env.srv.AdminHandler()
+	ctx := context.Background()
+	token, rec := env.token(t, "frontend", 0, 0)
+	env.fetch(t, sdsSotw, token, "strict-node", SecretDefault)
+	node := env.nodeFor(t, rec.ID, "strict-node")
+
+	tests := []struct {
+		name, method, path, body string
+		code                     int
+		errWord                  string // in the JSON error
+		allow                    string // the Allow header of a 405
+	}{
+		{name: "second object after a token request", method: "POST", path: "/v1/tokens",
+			body: `{"service":"web"}{"service":"db"}`, code: http.StatusBadRequest, errWord: "more than one JSON value"},
+		{name: "text after a token request", method: "POST", path: "/v1/tokens",
+			body: `{"service":"web"} please`, code: http.StatusBadRequest, errWord: "after the JSON object"},
+		{name: "second object after a node revoke request", method: "POST", path: "/v1/nodes/" + node.ID + "/revoke",
+			body: `{"reason":"a"}{"reason":"b"}`, code: http.StatusBadRequest, errWord: "more than one JSON value"},
+		{name: "unknown path", method: "GET", path: "/v2/tokens", code: http.StatusNotFound, errWord: "no admin API route for GET /v2/tokens"},
+		{name: "root", method: "GET", path: "/", code: http.StatusNotFound, errWord: "no admin API route"},
+		{name: "trailing slash", method: "GET", path: "/v1/tokens/", code: http.StatusNotFound, errWord: "no admin API route"},
+		{name: "wrong method", method: "DELETE", path: "/v1/tokens", code: http.StatusMethodNotAllowed,
+			errWord: "method DELETE is not allowed on /v1/tokens", allow: "GET, HEAD, POST"},
+		{name: "GET on a POST route", method: "GET", path: "/v1/nodes/" + node.ID + "/revoke", code: http.StatusMethodNotAllowed,
+			errWord: "not allowed", allow: "POST"},
+		{name: "asterisk target", method: "OPTIONS", path: "*", code: http.StatusBadRequest, errWord: "no admin API route for OPTIONS *"},
+		{name: "a trailing newline is fine", method: "POST", path: "/v1/tokens", body: "{\"service\":\"web\"}\n", code: http.StatusCreated},
+		{name: "unclean path redirects", method: "GET", path: "/v1//tokens", code: http.StatusTemporaryRedirect},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			code, body, hdr := adminDo(t, h, tc.method, tc.path, tc.body)
+			if code != tc.code {
+				t.Fatalf("%s %s: status %d, want %d; body %s", tc.method, tc.path, code, tc.code, body)
+			}
+			if code == http.StatusTemporaryRedirect { // ServeMux's path cleaning
+				if loc := hdr.Get("Location"); loc != "/v1/tokens" {
+					t.Errorf("redirect to %q, want /v1/tokens", loc)
+				}
+				return
+			}
+			if code < 400 {
+				return
+			}
+			if ct := hdr.Get("Content-Type"); ct != "application/json" {
+				t.Errorf("Content-Type %q, want application/json", ct)
+			}
+			var e ErrorResponse
+			if err := json.Unmarshal([]byte(body), &e); err != nil || !strings.Contains(e.Error, tc.errWord) {
+				t.Errorf("error body %q (%v), want a JSON error saying %q", body, err, tc.errWord)
+			}
+			if got := hdr.Get("Allow"); got != tc.allow {
+				t.Errorf("Allow %q, want %q", got, tc.allow)
+			}
+		})
+	}
+
+	// Nothing was half-applied: no token for web or db besides the one of
+	// the accepted request, and the node is still active.
+	recs, err := env.reg.List(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	services := map[string]int{}
+	for _, r := range recs {
+		services[r.Service]++
+	}
+	if services["web"] != 1 || services["db"] != 0 {
+		t.Errorf("tokens by service %v, want one for web (the well-formed request) and none for db", services)
+	}
+	n, err := env.srv.nodes.get(ctx, node.ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n.Status != NodeActive {
+		t.Errorf("node %s is %s after refused revoke requests", n.ID, n.Status)
+	}
+}
