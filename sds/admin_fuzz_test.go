@@ -110,7 +110,7 @@ func strictJSON(body []byte, v any) bool {
 // and no answer shows the stored token's secret. In the path and body,
 // "{token}", "{tokentext}" and "{node}" stand for the existing token's ID
 // and text and the node's ID, so that mutations reach the handlers'
-// success paths.
+// success paths. No log line shows the token's secret either.
 func FuzzAdminAPI(f *testing.F) {
 	env := newAdminFuzzEnv(f)
 	for _, s := range []struct {
@@ -170,87 +170,99 @@ func FuzzAdminAPI(f *testing.F) {
 		f.Add(s.method, s.path, []byte(s.body), s.chunked)
 	}
 	f.Fuzz(func(t *testing.T, method, path string, body []byte, chunked bool) {
-		path = env.replacer.Replace(path)
-		body = []byte(env.replacer.Replace(string(body)))
-		target := path
-		if !strings.HasPrefix(target, "/") && target != "*" {
-			target = "/" + target
-		}
-		req, err := http.NewRequest(method, "http://sds-server"+target, bytes.NewReader(body))
-		if err != nil {
-			return // net/http would refuse such a request line before any handler
-		}
-		req.RequestURI = target
-		if chunked {
-			req.ContentLength = -1
-		}
-		if len(body) > 0 {
-			req.Header.Set("Content-Type", "application/json")
-		}
-		rec := httptest.NewRecorder()
-		env.h.ServeHTTP(rec, req)
-		code, out := rec.Code, rec.Body.Bytes()
-		where := method + " " + target
-
-		if bytes.Contains(out, []byte(env.secret)) {
-			t.Fatalf("%s: the answer shows the stored token's secret: %s", where, out)
-		}
-		switch {
-		case code >= 400 && code < 600:
-			if ct := rec.Header().Get("Content-Type"); ct != "application/json" {
-				t.Fatalf("%s: error %d with Content-Type %q, body %q; want application/json", where, code, ct, out)
-			}
-			var e ErrorResponse
-			if !strictJSON(out, &e) || e.Error == "" {
-				t.Fatalf("%s: error %d body %q is not {\"error\": ...}", where, code, out)
-			}
-			return
-		case code == http.StatusMovedPermanently || code == http.StatusTemporaryRedirect || code == http.StatusPermanentRedirect:
-			if rec.Header().Get("Location") == "" {
-				t.Fatalf("%s: redirect %d without Location", where, code)
-			}
-			return
-		case code < 200 || code >= 300:
-			t.Fatalf("%s: status %d, body %q", where, code, out)
-		}
-
-		// A success: the request must have been well-formed.
-		p := req.URL.Path
-		get := method == http.MethodGet || method == http.MethodHead
-		switch {
-		case get && env.validPath[p]:
-			if code != http.StatusOK {
-				t.Fatalf("%s: status %d, want 200", where, code)
-			}
-		case method == http.MethodPost && p == "/v1/tokens":
-			var tr TokenCreateRequest
-			if code != http.StatusCreated || !strictJSON(body, &tr) {
-				t.Fatalf("%s: status %d for body %q; want 201 only for one TokenCreateRequest object", where, code, body)
-			}
-			var resp TokenCreateResponse
-			if err := json.Unmarshal(out, &resp); err != nil || resp.Info.ID == "" || resp.Info.Service != tr.Service {
-				t.Fatalf("%s: answer %q (%v)", where, out, err)
-			}
-			// Keep the store to the fixed token, so that iterations stay
-			// fast and alike.
-			if err := env.kv.Delete(context.Background(), bootstrap.Bucket, resp.Info.ID); err != nil {
-				t.Fatal(err)
-			}
-		case method == http.MethodPost && strings.HasPrefix(p, "/v1/tokens/") && strings.HasSuffix(p, "/revoke"):
-			id := strings.TrimSuffix(strings.TrimPrefix(p, "/v1/tokens/"), "/revoke")
-			if !env.tokenIDs[strings.TrimSpace(id)] {
-				t.Fatalf("%s: status %d revoking token %q, which does not exist", where, code, id)
-			}
-		case method == http.MethodPost && p == "/v1/nodes/"+env.nodeID+"/revoke":
-			var nr NodeRevokeRequest
-			if req.ContentLength == 0 && len(body) == 0 {
-				break
-			}
-			if !strictJSON(body, &nr) {
-				t.Fatalf("%s: status %d for body %q; want 200 only for one NodeRevokeRequest object", where, code, body)
-			}
-		default:
-			t.Fatalf("%s: status %d for a request that names nothing: %q", where, code, out)
+		env.logs.mu.Lock()
+		env.logs.b.Reset() // keep only this request's log lines
+		env.logs.mu.Unlock()
+		env.check(t, method, path, body, chunked)
+		if strings.Contains(env.logs.String(), env.secret) {
+			t.Fatalf("%s %q: the log shows the stored token's secret:\n%s", method, path, env.logs.String())
 		}
 	})
+}
+
+// check sends one fuzzed request and checks the answer (see FuzzAdminAPI).
+func (env *adminFuzzEnv) check(t *testing.T, method, path string, body []byte, chunked bool) {
+	t.Helper()
+	path = env.replacer.Replace(path)
+	body = []byte(env.replacer.Replace(string(body)))
+	target := path
+	if !strings.HasPrefix(target, "/") && target != "*" {
+		target = "/" + target
+	}
+	req, err := http.NewRequest(method, "http://sds-server"+target, bytes.NewReader(body))
+	if err != nil {
+		return // net/http would refuse such a request line before any handler
+	}
+	req.RequestURI = target
+	if chunked {
+		req.ContentLength = -1
+	}
+	if len(body) > 0 {
+		req.Header.Set("Content-Type", "application/json")
+	}
+	rec := httptest.NewRecorder()
+	env.h.ServeHTTP(rec, req)
+	code, out := rec.Code, rec.Body.Bytes()
+	where := method + " " + target
+
+	if bytes.Contains(out, []byte(env.secret)) {
+		t.Fatalf("%s: the answer shows the stored token's secret: %s", where, out)
+	}
+	switch {
+	case code >= 400 && code < 600:
+		if ct := rec.Header().Get("Content-Type"); ct != "application/json" {
+			t.Fatalf("%s: error %d with Content-Type %q, body %q; want application/json", where, code, ct, out)
+		}
+		var e ErrorResponse
+		if !strictJSON(out, &e) || e.Error == "" {
+			t.Fatalf("%s: error %d body %q is not {\"error\": ...}", where, code, out)
+		}
+		return
+	case code == http.StatusMovedPermanently || code == http.StatusTemporaryRedirect || code == http.StatusPermanentRedirect:
+		if rec.Header().Get("Location") == "" {
+			t.Fatalf("%s: redirect %d without Location", where, code)
+		}
+		return
+	case code < 200 || code >= 300:
+		t.Fatalf("%s: status %d, body %q", where, code, out)
+	}
+
+	// A success: the request must have been well-formed.
+	p := req.URL.Path
+	get := method == http.MethodGet || method == http.MethodHead
+	switch {
+	case get && env.validPath[p]:
+		if code != http.StatusOK {
+			t.Fatalf("%s: status %d, want 200", where, code)
+		}
+	case method == http.MethodPost && p == "/v1/tokens":
+		var tr TokenCreateRequest
+		if code != http.StatusCreated || !strictJSON(body, &tr) {
+			t.Fatalf("%s: status %d for body %q; want 201 only for one TokenCreateRequest object", where, code, body)
+		}
+		var resp TokenCreateResponse
+		if err := json.Unmarshal(out, &resp); err != nil || resp.Info.ID == "" || resp.Info.Service != tr.Service {
+			t.Fatalf("%s: answer %q (%v)", where, out, err)
+		}
+		// Keep the store to the fixed token, so that iterations stay
+		// fast and alike.
+		if err := env.kv.Delete(context.Background(), bootstrap.Bucket, resp.Info.ID); err != nil {
+			t.Fatal(err)
+		}
+	case method == http.MethodPost && strings.HasPrefix(p, "/v1/tokens/") && strings.HasSuffix(p, "/revoke"):
+		id := strings.TrimSuffix(strings.TrimPrefix(p, "/v1/tokens/"), "/revoke")
+		if !env.tokenIDs[strings.TrimSpace(id)] {
+			t.Fatalf("%s: status %d revoking token %q, which does not exist", where, code, id)
+		}
+	case method == http.MethodPost && p == "/v1/nodes/"+env.nodeID+"/revoke":
+		var nr NodeRevokeRequest
+		if req.ContentLength == 0 && len(body) == 0 {
+			break
+		}
+		if !strictJSON(body, &nr) {
+			t.Fatalf("%s: status %d for body %q; want 200 only for one NodeRevokeRequest object", where, code, body)
+		}
+	default:
+		t.Fatalf("%s: status %d for a request that names nothing: %q", where, code, out)
+	}
 }
