@@ -96,7 +96,8 @@ func (s *Server) writeErr(w http.ResponseWriter, r *http.Request, err error) {
 		writeError(w, http.StatusBadRequest, err)
 		return
 	}
-	s.log.Error("admin request failed", "method", r.Method, "path", r.URL.Path, "error", err)
+	// The route, not the path: `token revoke` may put the token text in it.
+	s.log.Error("admin request failed", "method", r.Method, "route", r.Pattern, "error", err)
 	writeError(w, http.StatusInternalServerError, err)
 }
 

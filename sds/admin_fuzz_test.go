@@ -106,11 +106,13 @@ func strictJSON(body []byte, v any) bool {
 // every error is a 4xx or 5xx with a JSON body that is exactly
 // {"error": "<non-empty>"}; a success (2xx) answers only a well-formed
 // request (a known route, an existing ID, a body that is exactly one JSON
-// object of the route's request type); redirects only to clean the path;
-// and no answer shows the stored token's secret. In the path and body,
-// "{token}", "{tokentext}" and "{node}" stand for the existing token's ID
-// and text and the node's ID, so that mutations reach the handlers'
-// success paths. No log line shows the token's secret either.
+// object of the route's request type); redirects only to clean the path; no
+// answer shows the stored token's secret unless the request carried it; and
+// no log line shows it unless the body did (a free-text revoke reason), not
+// even when the path carried it (`token revoke` accepts the token text as
+// ID). In the path and body, "{token}", "{tokentext}" and "{node}" stand for
+// the existing token's ID and text and the node's ID, so that mutations
+// reach the handlers' success paths.
 func FuzzAdminAPI(f *testing.F) {
 	env := newAdminFuzzEnv(f)
 	for _, s := range []struct {
@@ -174,8 +176,8 @@ func FuzzAdminAPI(f *testing.F) {
 		env.logs.b.Reset() // keep only this request's log lines
 		env.logs.mu.Unlock()
 		env.check(t, method, path, body, chunked)
-		if strings.Contains(env.logs.String(), env.secret) {
-			t.Fatalf("%s %q: the log shows the stored token's secret:\n%s", method, path, env.logs.String())
+		if logs := env.logs.String(); strings.Contains(logs, env.secret) && !strings.Contains(env.replacer.Replace(string(body)), env.secret) {
+			t.Fatalf("%s %q: the log shows the stored token's secret:\n%s", method, path, logs)
 		}
 	})
 }
@@ -205,7 +207,10 @@ func (env *adminFuzzEnv) check(t *testing.T, method, path string, body []byte, c
 	code, out := rec.Code, rec.Body.Bytes()
 	where := method + " " + target
 
-	if bytes.Contains(out, []byte(env.secret)) {
+	// The server keeps only the secret's hash: an answer may show the
+	// secret only by echoing a request that carried it (an error naming
+	// the path the caller sent), and never in a log line (FuzzAdminAPI).
+	if bytes.Contains(out, []byte(env.secret)) && !strings.Contains(method+" "+path+" "+string(body), env.secret) {
 		t.Fatalf("%s: the answer shows the stored token's secret: %s", where, out)
 	}
 	switch {

@@ -3,9 +3,15 @@ package sds
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"net/http"
+	"net/url"
 	"strings"
 	"testing"
+	"time"
+
+	"github.com/meshid/sds-server/bootstrap"
+	"github.com/meshid/sds-server/store"
 )
 
 // Found by FuzzAdminAPI: a body with a second JSON value or stray text after
@@ -90,5 +96,39 @@ func TestAdminAPIStrictBodiesAndJSONErrors(t *testing.T) {
 	}
 	if n.Status != NodeActive {
 		t.Errorf("node %s is %s after refused revoke requests", n.ID, n.Status)
+	}
+}
+
+// brokenTokenStore fails every update of a token record, as a full disk
+// would.
+type brokenTokenStore struct{ store.Store }
+
+func (b brokenTokenStore) Update(ctx context.Context, bucket, key string, fn func([]byte) ([]byte, error)) error {
+	if bucket == bootstrap.Bucket {
+		return errors.New("disk full")
+	}
+	return b.Store.Update(ctx, bucket, key, fn)
+}
+
+// `token revoke` accepts the token text as ID, so it travels in the path; a
+// failed request used to log that path, and with it the secret.
+func TestAdminAPIErrorLogHasNoTokenText(t *testing.T) {
+	mem := store.NewMemory()
+	env := newTestEnvWith(t, envOptions{store: brokenTokenStore{mem}})
+	// Created past the broken store, on the memory store beneath it.
+	text, _, err := bootstrap.NewRegistry(mem, nil).Create(context.Background(), bootstrap.CreateOptions{Service: "web", Env: "default", TTL: time.Hour}, env.srv.Roots()[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	code, body, _ := adminDo(t, env.srv.AdminHandler(), "POST", "/v1/tokens/"+url.PathEscape(text)+"/revoke", "")
+	if code != http.StatusInternalServerError || !strings.Contains(body, "disk full") {
+		t.Fatalf("status %d, body %s; want 500 saying disk full", code, body)
+	}
+	logs := env.logs.String()
+	if strings.Contains(logs, secretOf(t, text)) {
+		t.Errorf("the log shows the token secret:\n%s", logs)
+	}
+	if !strings.Contains(logs, `route="POST /v1/tokens/{id}/revoke"`) || !strings.Contains(logs, "disk full") {
+		t.Errorf("the log does not name the route and the error:\n%s", logs)
 	}
 }
