@@ -196,6 +196,7 @@ func (env *adminFuzzEnv) check(t *testing.T, method, path string, body []byte, c
 		return // net/http would refuse such a request line before any handler
 	}
 	req.RequestURI = target
+	method = req.Method // "" means GET
 	if chunked {
 		req.ContentLength = -1
 	}
