@@ -39,6 +39,8 @@ import (
 	"syscall"
 	"text/tabwriter"
 	"time"
+
+	"github.com/meshid/sds-server/internal/freeport"
 )
 
 // service is one node of the demo mesh.
@@ -290,13 +292,20 @@ func (d *demo) allocatePorts() error {
 			_ = l.Close()
 		}
 	}()
+	// Ports outside the ephemeral range, held until all are chosen: an
+	// outgoing connection cannot take one before its process binds it.
+	var picker freeport.Picker
 	port := func() (int, error) {
-		l, err := net.Listen("tcp", "127.0.0.1:0")
+		p, err := picker.Pick()
+		if err != nil {
+			return 0, fmt.Errorf("find a free port: %w", err)
+		}
+		l, err := net.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", p))
 		if err != nil {
 			return 0, fmt.Errorf("find a free port: %w", err)
 		}
 		held = append(held, l)
-		return l.Addr().(*net.TCPAddr).Port, nil
+		return p, nil
 	}
 	p, err := port()
 	if err != nil {
