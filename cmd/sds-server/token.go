@@ -65,7 +65,7 @@ func newTokenCommand() *cobra.Command {
 			tw := tabwriter.NewWriter(cmd.OutOrStdout(), 2, 4, 2, ' ', 0)
 			fmt.Fprintln(tw, "ID\tIDENTITY\tSTATUS\tUSES\tEXPIRES")
 			for _, t := range out.Tokens {
-				uses := fmt.Sprintf("%d", t.Uses)
+				uses := fmt.Sprintf("%d/unlimited", t.Uses)
 				if t.MaxUses > 0 {
 					uses = fmt.Sprintf("%d/%d", t.Uses, t.MaxUses)
 				}
@@ -82,7 +82,7 @@ stream; the open streams of every node it admitted end at once and those nodes
 get no further certificate (they cannot reconnect). The certificates they hold
 stay valid until they expire, unless --revoke-nodes also revokes the nodes:
 then their certificates go on the revocation list at once.`,
-		Args:  cobra.ExactArgs(1),
+		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			withNodes, _ := cmd.Flags().GetBool("revoke-nodes")
 			path := "/v1/tokens/" + url.PathEscape(args[0]) + "/revoke"
