@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"strconv"
 	"time"
 
 	"github.com/meshid/sds-server/bootstrap"
@@ -17,13 +18,20 @@ import (
 // operator does not say.
 const DefaultTokenTTL = 24 * time.Hour
 
+// DefaultTokenUses is how many nodes a bootstrap token admits when the
+// operator does not say: one, so that a token is spent by the sidecar it
+// was made for. 0 means unlimited and must be asked for.
+const DefaultTokenUses = 1
+
 // TokenCreateRequest is the body of POST /v1/tokens.
 type TokenCreateRequest struct {
 	Service string `json:"service"`
 	Env     string `json:"env,omitempty"`
 	// TTL is a Go duration ("24h"); empty means DefaultTokenTTL.
-	TTL  string `json:"ttl,omitempty"`
-	Uses int    `json:"uses,omitempty"`
+	TTL string `json:"ttl,omitempty"`
+	// Uses is how many nodes the token admits; absent means
+	// DefaultTokenUses, 0 unlimited.
+	Uses *int `json:"uses,omitempty"`
 }
 
 // TokenInfo is a token record as the admin API shows it: everything but the
@@ -128,12 +136,16 @@ func (s *Server) handleTokenCreate(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusBadRequest, err)
 		return
 	}
-	if req.Uses < 0 {
-		writeError(w, http.StatusBadRequest, fmt.Errorf("invalid uses %d: use 0 (unlimited) or a positive count", req.Uses))
+	uses := DefaultTokenUses
+	if req.Uses != nil {
+		uses = *req.Uses
+	}
+	if uses < 0 {
+		writeError(w, http.StatusBadRequest, fmt.Errorf("invalid uses %d: use 0 (unlimited) or a positive count", uses))
 		return
 	}
 	tok, rec, err := s.cfg.Tokens.Create(r.Context(), bootstrap.CreateOptions{
-		Service: req.Service, Env: req.Env, TTL: ttl, MaxUses: req.Uses,
+		Service: req.Service, Env: req.Env, TTL: ttl, MaxUses: uses,
 	}, s.Roots()[0])
 	if err != nil {
 		s.writeErr(w, r, err)
@@ -166,22 +178,30 @@ type TokenRevokeResponse struct {
 }
 
 func (s *Server) handleTokenRevoke(w http.ResponseWriter, r *http.Request) {
-	withNodes := r.URL.Query().Get("revoke_nodes") == "true"
-	rec, err := s.cfg.Tokens.Revoke(r.Context(), r.PathValue("id"))
+	withNodes, err := boolParam(r, "revoke_nodes")
+	if err != nil {
+		writeError(w, http.StatusBadRequest, err)
+		return
+	}
+	rec, nodes, err := s.RevokeToken(r.Context(), r.PathValue("id"), withNodes)
 	if err != nil {
 		s.writeErr(w, r, err)
 		return
 	}
-	s.log.Info("token revoked", "token_id", rec.ID, "service", rec.Service, "env", rec.Env, "revoke_nodes", withNodes)
-	out := TokenRevokeResponse{TokenInfo: s.tokenInfo(rec)}
-	if withNodes {
-		out.RevokedNodes, err = s.RevokeTokenNodes(r.Context(), rec.ID, "token "+rec.ID+" revoked")
-		if err != nil {
-			s.writeErr(w, r, err)
-			return
-		}
+	writeJSON(w, http.StatusOK, TokenRevokeResponse{TokenInfo: s.tokenInfo(rec), RevokedNodes: nodes})
+}
+
+// boolParam reads an optional true/false query parameter.
+func boolParam(r *http.Request, name string) (bool, error) {
+	v := r.URL.Query().Get(name)
+	if v == "" {
+		return false, nil
 	}
-	writeJSON(w, http.StatusOK, out)
+	b, err := strconv.ParseBool(v)
+	if err != nil {
+		return false, fmt.Errorf("query parameter %s=%q: want true or false", name, v)
+	}
+	return b, nil
 }
 
 // NodeRevokeRequest is the optional body of POST /v1/nodes/{id}/revoke.
@@ -203,15 +223,60 @@ func (s *Server) handleNodeRevoke(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusBadRequest, fmt.Errorf("reason is %d characters long; keep it under 256", len(req.Reason)))
 		return
 	}
-	n, err := s.RevokeNode(r.Context(), r.PathValue("id"), req.Reason)
-	if err != nil && n == nil {
-		s.writeErr(w, r, err)
+	keep, err := boolParam(r, "keep_token")
+	if err != nil {
+		writeError(w, http.StatusBadRequest, err)
 		return
 	}
-	if err != nil { // revoked here; the CA or the CRL did not follow yet
-		s.log.Error("node revoked, but revocation is not complete everywhere", "node_id", n.ID, "error", err)
+	revokeTok, err := boolParam(r, "revoke_token")
+	if err != nil {
+		writeError(w, http.StatusBadRequest, err)
+		return
 	}
-	writeJSON(w, http.StatusOK, s.nodeInfo(*n))
+	action := TokenAuto
+	switch {
+	case keep && revokeTok:
+		writeError(w, http.StatusBadRequest, errors.New("keep_token and revoke_token exclude each other: choose one"))
+		return
+	case keep:
+		action = TokenKeep
+	case revokeTok:
+		action = TokenRevoke
+	}
+	res, err := s.RevokeNodeWith(r.Context(), r.PathValue("id"), req.Reason, action)
+	var shared *SharedTokenError
+	switch {
+	case errors.As(err, &shared):
+		writeError(w, http.StatusConflict, err)
+		return
+	case err != nil && res == nil:
+		s.writeErr(w, r, err)
+		return
+	case errors.Is(err, ErrTokenNotRevoked): // the node is revoked, its token is not
+		s.writeErr(w, r, err)
+		return
+	case err != nil: // revoked here; the CA or the CRL did not follow yet
+		s.log.Error("node revoked, but revocation is not complete everywhere", "node_id", res.Node.ID, "error", err)
+	}
+	out := NodeRevokeResponse{NodeInfo: s.nodeInfo(*res.Node), TokenRevoked: res.TokenRevoked, TokenNote: res.TokenNote}
+	if res.Token != nil {
+		ti := s.tokenInfo(*res.Token)
+		out.Token = &ti
+	}
+	writeJSON(w, http.StatusOK, out)
+}
+
+// NodeRevokeResponse is the answer to POST /v1/nodes/{id}/revoke: the
+// revoked node and what became of its token.
+type NodeRevokeResponse struct {
+	NodeInfo
+	// Token is the node's token after the revocation; absent if it no
+	// longer exists.
+	Token *TokenInfo `json:"token,omitempty"`
+	// TokenRevoked is true when the token was revoked with the node.
+	TokenRevoked bool `json:"token_revoked"`
+	// TokenNote says what happened to the token and why.
+	TokenNote string `json:"token_note,omitempty"`
 }
 
 // NodeInfo is a node as the admin API shows it: the stored record and, for
@@ -226,6 +291,12 @@ type NodeInfo struct {
 	// last one's reason.
 	RenewalFailures int    `json:"renewal_failures,omitempty"`
 	LastError       string `json:"last_error,omitempty"`
+	// Connections are the peer addresses of the connections with open
+	// streams: more than one means the node's key is served to each.
+	Connections []string `json:"connections,omitempty"`
+	// SharedEvents counts, since the server started, the streams that
+	// bound to the node from a new connection while another was open.
+	SharedEvents int `json:"shared_events"`
 }
 
 func (s *Server) nodeInfo(n Node) NodeInfo {
@@ -234,6 +305,7 @@ func (s *Server) nodeInfo(n Node) NodeInfo {
 	ln := s.live[n.ID]
 	if ln != nil {
 		info.Streams = ln.streams
+		info.Connections, info.SharedEvents = ln.conns.list(), ln.conns.shared
 	}
 	s.mu.Unlock()
 	if ln == nil {

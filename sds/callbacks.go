@@ -131,14 +131,19 @@ func (c callbacks) request(id int64, claimed *core.Node, typeURL string, names [
 		s.mu.Lock()
 		st.node = ln
 		st.xdsNode = &core.Node{Id: ln.rec.ID, Cluster: ln.rec.Service}
-		revoked := ln.revoked.Load()
+		revoked, tokenRevoked := ln.revoked.Load(), ln.tokenRevoked.Load()
 		ln.streams++
 		if ln.streams == 1 {
 			s.cfg.Metrics.connectedSidecars.Inc()
 		}
+		shared := ln.conns.add(ln.rec.ID, st.peer)
 		s.mu.Unlock()
+		s.reportShared(shared, id)
 		if revoked { // revoked while this stream was being admitted
 			return nil, c.refuse(st, id, &refusal{code: codes.PermissionDenied, reason: "node_revoked", msg: fmt.Sprintf("node %s has been revoked", ln.rec.ID)})
+		}
+		if tokenRevoked {
+			return nil, c.refuse(st, id, tokenRevokedRefusal(ln.rec.TokenID))
 		}
 	}
 	if nonce != "" {
@@ -176,6 +181,7 @@ func (c callbacks) closed(id int64) {
 	st := s.streams[id]
 	delete(s.streams, id)
 	if st != nil && st.node != nil {
+		st.node.conns.remove(st.peer)
 		st.node.streams--
 		if st.node.streams == 0 {
 			s.cfg.Metrics.connectedSidecars.Dec()

@@ -18,6 +18,7 @@ type Metrics struct {
 	unknownResources  *prometheus.CounterVec
 	nodesAdmitted     prometheus.Counter
 	connectedSidecars prometheus.Gauge
+	sharedIdentity    prometheus.Counter
 	policyErrors      prometheus.Counter
 	policyInvalid     prometheus.Gauge
 	reg               prometheus.Registerer
@@ -41,7 +42,7 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 		}),
 		authFailures: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "sds_authentication_failures_total",
-			Help: "xDS streams refused, by reason (missing, malformed, wrong_root, unknown, revoked, expired, exhausted, node_revoked, bad_node).",
+			Help: "xDS streams refused, by reason (missing, malformed, wrong_root, unknown, revoked, expired, exhausted, node_revoked, node_expired, bad_node).",
 		}, []string{"reason"}),
 		nacks: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "sds_nacks_total",
@@ -59,6 +60,10 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 			Name: "sds_connected_nodes",
 			Help: "Nodes with at least one open xDS stream.",
 		}),
+		sharedIdentity: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "sds_node_shared_identity_total",
+			Help: "Streams bound to a node from a new connection while other connections of that node were open: its key is served to both.",
+		}),
 	}
 	m.policyErrors = prometheus.NewCounter(prometheus.CounterOpts{
 		Name: "sds_policy_errors_total",
@@ -70,7 +75,7 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 	})
 	m.reg = reg
 	reg.MustRegister(m.streams, m.certsIssued, m.issueLatency, m.authFailures, m.nacks,
-		m.unknownResources, m.nodesAdmitted, m.connectedSidecars, m.policyErrors, m.policyInvalid)
+		m.unknownResources, m.nodesAdmitted, m.connectedSidecars, m.sharedIdentity, m.policyErrors, m.policyInvalid)
 	return m
 }
 

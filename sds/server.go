@@ -113,6 +113,10 @@ type Server struct {
 	mu      sync.Mutex
 	streams map[int64]*streamState
 	live    map[string]*liveNode
+	// revokedTokens are the tokens revoked since the server started
+	// (tokenrevoke.go): a node bound after the revocation by a stream
+	// authenticated before it gets no certificate.
+	revokedTokens map[string]struct{}
 }
 
 // rootBundle is the current trust bundle, revocation list and the encoded
@@ -148,9 +152,13 @@ type liveNode struct {
 	mu      sync.Mutex // serialises issuance
 	cur     atomic.Pointer[certState]
 	revoked atomic.Bool
+	// tokenRevoked is set when the token that admitted the node is
+	// revoked: it gets no further certificate (tokenrevoke.go).
+	tokenRevoked atomic.Bool
 
 	streams   int       // guarded by Server.mu
 	idleSince time.Time // when streams last dropped to 0; guarded by Server.mu
+	conns     connSet   // open connections by peer (shared.go); guarded by Server.mu
 
 	due       time.Time // guarded by scheduler.mu
 	heapIndex int       // position in the scheduler's heap, -1 if not scheduled
@@ -399,8 +407,8 @@ func (s *Server) admit(st *streamState, claimed *core.Node) (*liveNode, error) {
 		}
 		now := s.now().UTC()
 		return &Node{ID: id, Service: tok.Service, Env: tok.Env, TokenID: tok.ID, ClaimedID: claimedID,
-			Status: NodeActive, FirstSeen: now, LastSeen: now}, nil
-	})
+			Status: NodeActive, FirstSeen: now, LastSeen: now, AdmittedAt: now}, nil
+	}, func(n *Node) (*Node, error) { return s.readmitIfAway(ctx, st, n) })
 	if err != nil {
 		return nil, err
 	}
@@ -412,9 +420,15 @@ func (s *Server) admit(st *streamState, claimed *core.Node) (*liveNode, error) {
 		s.log.Info("node admitted", "node_id", rec.ID, "service", rec.Service, "env", rec.Env, "token_id", rec.TokenID, "peer", st.peer)
 	}
 	ln := s.liveNodeFor(rec)
+	if ln.tokenRevoked.Load() {
+		return nil, tokenRevokedRefusal(rec.TokenID)
+	}
 	if err := s.ensureCertificate(ctx, ln); err != nil {
 		if errors.Is(err, ErrNodeRevoked) { // revoked while being admitted
 			return nil, &refusal{code: codes.PermissionDenied, reason: "node_revoked", msg: fmt.Sprintf("node %s has been revoked", rec.ID)}
+		}
+		if errors.Is(err, ErrTokenRevoked) {
+			return nil, tokenRevokedRefusal(rec.TokenID)
 		}
 		return nil, &refusal{code: codes.Unavailable, reason: "", msg: fmt.Sprintf("no certificate for node %s yet: %v", rec.ID, err)}
 	}
@@ -430,6 +444,9 @@ func (s *Server) liveNodeFor(rec *Node) *liveNode {
 		ln = &liveNode{rec: *rec, heapIndex: -1, idleSince: s.now(), identity: issuer.Identity{
 			TrustDomain: s.cfg.TrustDomain, Env: rec.Env, Service: rec.Service, NodeID: rec.ID,
 		}}
+		if _, ok := s.revokedTokens[rec.TokenID]; ok {
+			ln.tokenRevoked.Store(true)
+		}
 		s.live[rec.ID] = ln
 		s.cache.set(rec.ID, xdsres.SecretType, map[string]*resource{SecretRootCA: s.rootCA.Load().res})
 		s.cache.set(rec.ID, xdsres.ExtensionConfigType, map[string]*resource{
@@ -512,7 +529,7 @@ func (s *Server) renew(ctx context.Context, ln *liveNode) {
 	ictx, cancel := context.WithTimeout(ctx, s.cfg.IssueTimeout)
 	err := s.issueLocked(ictx, ln)
 	cancel()
-	if err == nil || ctx.Err() != nil || errors.Is(err, ErrNodeRevoked) {
+	if err == nil || ctx.Err() != nil || errors.Is(err, ErrNodeRevoked) || errors.Is(err, ErrTokenRevoked) {
 		return
 	}
 	ln.hmu.Lock()
@@ -540,6 +557,9 @@ func (s *Server) renew(ctx context.Context, ln *liveNode) {
 func (s *Server) issueLocked(ctx context.Context, ln *liveNode) error {
 	if ln.revoked.Load() {
 		return fmt.Errorf("node %s: %w", ln.identity.NodeID, ErrNodeRevoked)
+	}
+	if ln.tokenRevoked.Load() {
+		return fmt.Errorf("node %s: %w", ln.identity.NodeID, ErrTokenRevoked)
 	}
 	start := time.Now()
 	cert, keyPEM, err := s.mint(ctx, ln.identity)
@@ -599,6 +619,10 @@ func (s *Server) issueLocked(ctx context.Context, ln *liveNode) error {
 		return fmt.Errorf("node %s: %w", ln.identity.NodeID, ErrNodeRevoked)
 	} else if err != nil {
 		s.log.Warn("could not record issued certificate", "node_id", ln.identity.NodeID, "error", err)
+	}
+	if ln.tokenRevoked.Load() { // the token was revoked during issuance
+		s.log.Warn("certificate discarded: token revoked during issuance", "node_id", ln.identity.NodeID, "serial", serial)
+		return fmt.Errorf("node %s: %w", ln.identity.NodeID, ErrTokenRevoked)
 	}
 	ln.cur.Store(cs)
 	ln.hmu.Lock()

@@ -44,6 +44,8 @@ func TestExitCodes(t *testing.T) {
 		{name: "token create without a server", args: append([]string{"token", "create", "--service", "web"}, dd...), code: 1, want: []string{sock, "sds-server serve"}},
 		{name: "token revoke without a server", args: append([]string{"token", "revoke", "0123456789abcdef"}, dd...), code: 1, want: []string{sock, "sds-server serve"}},
 		{name: "node show without ID", args: append([]string{"node", "show"}, dd...), code: 2},
+		{name: "node revoke with both token flags", args: append([]string{"node", "revoke", "n-1", "--keep-token", "--revoke-token"}, dd...), code: 2, want: []string{"--keep-token", "--revoke-token"}},
+		{name: "node revoke without a server", args: append([]string{"node", "revoke", "n-1", "--keep-token"}, dd...), code: 1, want: []string{sock, "sds-server serve"}},
 		{name: "node show without a server", args: append([]string{"node", "show", "sidecar-1"}, dd...), code: 1, want: []string{sock, "sds-server serve"}},
 		{name: "node list without a server", args: append([]string{"node", "list"}, dd...), code: 1, want: []string{sock, "sds-server serve"}},
 		{name: "explicit admin socket without a server", args: []string{"node", "list", "--admin-socket", filepath.Join(dataDir, "other.sock")}, code: 1, want: []string{filepath.Join(dataDir, "other.sock"), "sds-server serve"}},

@@ -32,7 +32,7 @@ func newTokenCommand() *cobra.Command {
 				return usageError{fmt.Errorf("--service is required")}
 			}
 			var out sds.TokenCreateResponse
-			req := sds.TokenCreateRequest{Service: service, Env: env, TTL: ttl.String(), Uses: uses}
+			req := sds.TokenCreateRequest{Service: service, Env: env, TTL: ttl.String(), Uses: &uses}
 			if err := callAdmin(cmd, "POST", "/v1/tokens", req, &out); err != nil {
 				return err
 			}
@@ -49,7 +49,7 @@ func newTokenCommand() *cobra.Command {
 	create.Flags().String("service", "", "service the token admits nodes as (required)")
 	create.Flags().String("env", "default", "environment of the service")
 	create.Flags().Duration("ttl", sds.DefaultTokenTTL, "how long the token admits new nodes")
-	create.Flags().Int("uses", 0, "how many nodes the token may admit; 0 = unlimited")
+	create.Flags().Int("uses", sds.DefaultTokenUses, "how many nodes the token may admit (one per node.id; a node away until its certificate expired takes another when it returns); 0 = unlimited")
 
 	list := &cobra.Command{
 		Use:   "list",
@@ -65,7 +65,7 @@ func newTokenCommand() *cobra.Command {
 			tw := tabwriter.NewWriter(cmd.OutOrStdout(), 2, 4, 2, ' ', 0)
 			fmt.Fprintln(tw, "ID\tIDENTITY\tSTATUS\tUSES\tEXPIRES")
 			for _, t := range out.Tokens {
-				uses := fmt.Sprintf("%d", t.Uses)
+				uses := fmt.Sprintf("%d/unlimited", t.Uses)
 				if t.MaxUses > 0 {
 					uses = fmt.Sprintf("%d/%d", t.Uses, t.MaxUses)
 				}
@@ -75,9 +75,14 @@ func newTokenCommand() *cobra.Command {
 		},
 	}
 	revoke := &cobra.Command{
-		Use:   "revoke ID",
-		Short: "Revoke a bootstrap token: it admits and authenticates nothing from now on",
-		Args:  cobra.ExactArgs(1),
+		Use:   "revoke ID [--revoke-nodes]",
+		Short: "Revoke a bootstrap token: it admits no node and authenticates no stream from now on",
+		Long: `Revoke a bootstrap token. From now on it admits no node and authenticates no
+stream; the open streams of every node it admitted end at once and those nodes
+get no further certificate (they cannot reconnect). The certificates they hold
+stay valid until they expire, unless --revoke-nodes also revokes the nodes:
+then their certificates go on the revocation list at once.`,
+		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			withNodes, _ := cmd.Flags().GetBool("revoke-nodes")
 			path := "/v1/tokens/" + url.PathEscape(args[0]) + "/revoke"
@@ -96,7 +101,7 @@ func newTokenCommand() *cobra.Command {
 			return nil
 		},
 	}
-	revoke.Flags().Bool("revoke-nodes", false, "also revoke every node the token admitted (their streams end, their certificates go on the CRL)")
+	revoke.Flags().Bool("revoke-nodes", false, "also revoke every node the token admitted: their certificates go on the CRL at once")
 	cmd.AddCommand(create, list, revoke)
 	return cmd
 }
@@ -133,7 +138,7 @@ func newNodeCommand() *cobra.Command {
 	}
 	show := &cobra.Command{
 		Use:   "show ID",
-		Short: "Show one node as JSON: identity, issued and serving certificate, renewal state",
+		Short: "Show one node as JSON: identity, issued and serving certificate, renewal state, open connections",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			var out json.RawMessage
@@ -150,20 +155,49 @@ func newNodeCommand() *cobra.Command {
 		},
 	}
 	revoke := &cobra.Command{
-		Use:   "revoke ID [--reason R]",
-		Short: "Revoke a node: its streams end, it gets no more certificates, and its certificates go on the CRL",
-		Args:  cobra.ExactArgs(1),
+		Use:   "revoke ID [--reason R] [--keep-token | --revoke-token]",
+		Short: "Revoke a node: its streams end, it gets no more certificates, its certificates go on the CRL, and its token admits no replacement",
+		Long: `Revoke a node: its streams end, it gets no more certificates, and its
+certificates go on the revocation list.
+
+The bootstrap token that admitted it must not admit a replacement: a
+single-use token (--uses 1, the default) is revoked with the node. For a
+multi-use or unlimited token that can still admit nodes the command refuses
+and revokes nothing unless you choose:
+  --revoke-token  revoke the token too: the streams of its other nodes end and
+                  they cannot reconnect (their certificates stay valid until
+                  they expire);
+  --keep-token    revoke only the node: the token keeps admitting nodes.`,
+		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			reason, _ := cmd.Flags().GetString("reason")
-			var out sds.NodeInfo
-			if err := callAdmin(cmd, "POST", "/v1/nodes/"+url.PathEscape(args[0])+"/revoke", sds.NodeRevokeRequest{Reason: reason}, &out); err != nil {
+			keep, _ := cmd.Flags().GetBool("keep-token")
+			revokeTok, _ := cmd.Flags().GetBool("revoke-token")
+			if keep && revokeTok {
+				return usageError{fmt.Errorf("--keep-token and --revoke-token exclude each other: choose one")}
+			}
+			path := "/v1/nodes/" + url.PathEscape(args[0]) + "/revoke"
+			switch {
+			case keep:
+				path += "?keep_token=true"
+			case revokeTok:
+				path += "?revoke_token=true"
+			}
+			var out sds.NodeRevokeResponse
+			if err := callAdmin(cmd, "POST", path, sds.NodeRevokeRequest{Reason: reason}, &out); err != nil {
 				return err
 			}
-			fmt.Fprintf(cmd.ErrOrStderr(), "node %s (%s/%s) revoked\n", out.ID, out.Env, out.Service)
+			fmt.Fprintf(cmd.ErrOrStderr(), "node %s (%s/%s) revoked", out.ID, out.Env, out.Service)
+			if out.TokenNote != "" {
+				fmt.Fprintf(cmd.ErrOrStderr(), "; %s", out.TokenNote)
+			}
+			fmt.Fprintln(cmd.ErrOrStderr())
 			return nil
 		},
 	}
 	revoke.Flags().String("reason", "", "why, recorded with the revocation")
+	revoke.Flags().Bool("keep-token", false, "revoke only the node; its multi-use token keeps admitting nodes")
+	revoke.Flags().Bool("revoke-token", false, "revoke the node's token too, whatever its use limit (the streams of its other nodes end)")
 	cmd.AddCommand(list, show, revoke)
 	return cmd
 }
