@@ -2,6 +2,7 @@ package authz
 
 import (
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"reflect"
@@ -179,5 +180,27 @@ func TestLoadDirLimits(t *testing.T) {
 	}
 	if _, err := LoadDir(filepath.Join(dir, "missing")); err == nil {
 		t.Error("LoadDir of a missing directory succeeded")
+	}
+}
+
+// BenchmarkReadDir is the cost of one policy_dir poll that finds nothing
+// changed: 200 services of about 1.5 KB each, read and hashed.
+func BenchmarkReadDir(b *testing.B) {
+	dir := b.TempDir()
+	entry := `{"permission": {"method": "GET", "resource": "/users/[0-9]+"}, "allow": ["web", "api"]}`
+	content := "[" + strings.Repeat(entry+",", 19) + entry + "]"
+	for i := range 200 {
+		p := filepath.Join(dir, fmt.Sprintf("env%d", i%4), fmt.Sprintf("svc%d.json", i))
+		if err := os.MkdirAll(filepath.Dir(p), 0o755); err != nil {
+			b.Fatal(err)
+		}
+		if err := os.WriteFile(p, []byte(content), 0o644); err != nil {
+			b.Fatal(err)
+		}
+	}
+	for b.Loop() {
+		if _, err := ReadDir(dir); err != nil {
+			b.Fatal(err)
+		}
 	}
 }

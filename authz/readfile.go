@@ -6,6 +6,7 @@ import (
 	"io"
 	"io/fs"
 	"os"
+	"slices"
 	"syscall"
 )
 
@@ -42,9 +43,21 @@ func ReadFile(name string) ([]byte, error) {
 	if err := regular(info); err != nil {
 		return nil, err
 	}
-	data, err := io.ReadAll(io.LimitReader(f, MaxFileSize+1))
-	if err != nil {
-		return nil, bare(err)
+	// Sized from the open file, so that a poll reads each file in one go;
+	// the limit holds even if the file grows meanwhile.
+	data := make([]byte, 0, min(info.Size(), MaxFileSize)+1)
+	for int64(len(data)) <= MaxFileSize {
+		if len(data) == cap(data) {
+			data = slices.Grow(data, min(2*cap(data), MaxFileSize+1)-len(data))
+		}
+		n, err := f.Read(data[len(data):min(cap(data), MaxFileSize+1)])
+		data = data[:len(data)+n]
+		if err == io.EOF {
+			break
+		}
+		if err != nil {
+			return nil, bare(err)
+		}
 	}
 	if len(data) > MaxFileSize {
 		return nil, fmt.Errorf("larger than %d bytes", MaxFileSize)
