@@ -230,6 +230,24 @@ func TestWatchPoliciesSymlinks(t *testing.T) {
 			},
 		},
 		{
+			// A ConfigMap mounted as one environment directory:
+			// default/..data -> ..<timestamp>, default/api.json ->
+			// ..data/api.json.
+			name: "Kubernetes ConfigMap as the env directory",
+			setup: func(t *testing.T, dir, _ string) {
+				writePolicy(t, dir, "default/..2026_01_01_00_00_00.1/api.json", looseACL)
+				symlink(t, "..2026_01_01_00_00_00.1", filepath.Join(dir, "default", "..data"))
+				symlink(t, "..data/api.json", filepath.Join(dir, "default", "api.json"))
+			},
+			edit: func(t *testing.T, dir, _ string) {
+				writePolicy(t, dir, "default/..2026_01_01_00_00_00.2/api.json", tightACL)
+				relink(t, "..2026_01_01_00_00_00.2", filepath.Join(dir, "default", "..data"))
+				if err := os.RemoveAll(filepath.Join(dir, "default", "..2026_01_01_00_00_00.1")); err != nil {
+					t.Fatal(err)
+				}
+			},
+		},
+		{
 			name: "dangling file link",
 			setup: func(t *testing.T, dir, store string) {
 				writePolicy(t, store, "api.json", looseACL)
@@ -344,4 +362,53 @@ func TestWatchPoliciesSymlinks(t *testing.T) {
 			})
 		})
 	}
+}
+
+// TestWatchPoliciesDirUnreadable: when policy_dir itself cannot be read (here
+// a link to it left dangling), every policy stays in force, the reason is
+// logged once and reported until it passes.
+func TestWatchPoliciesDirUnreadable(t *testing.T) {
+	env := newTestEnv(t)
+	store := t.TempDir()
+	writePolicy(t, store, "real/default/api.json", looseACL)
+	dir := filepath.Join(t.TempDir(), "policies")
+	symlink(t, filepath.Join(store, "real"), dir)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	if err := env.srv.WatchPolicies(ctx, dir, "deny", 20*time.Millisecond); err != nil {
+		t.Fatalf("WatchPolicies: %v", err)
+	}
+	report := func() PolicyReport { return env.srv.policyWatch.Load().report() }
+	waitFor := func(what string, cond func(PolicyReport) bool) {
+		t.Helper()
+		deadline := time.Now().Add(3 * time.Second)
+		for !cond(report()) {
+			if time.Now().After(deadline) {
+				t.Fatalf("%s: not within 3 s (report %+v)", what, report())
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+	}
+	if err := os.Rename(filepath.Join(store, "real"), filepath.Join(store, "moved")); err != nil {
+		t.Fatal(err)
+	}
+	waitFor("the unreadable policy_dir reported", func(r PolicyReport) bool {
+		return strings.Contains(r.Error, "no such file or directory")
+	})
+	for range 3 { // more polls, each failing, besides the ticker's
+		if err := env.srv.policyWatch.Load().scan(false); err != nil {
+			t.Fatalf("scan: %v", err)
+		}
+	}
+	r := report()
+	if len(r.Services) != 1 || !r.Services[0].Active || r.Services[0].Entries != 2 {
+		t.Errorf("with policy_dir unreadable: %+v, want api's policy still in force", r.Services)
+	}
+	if n := strings.Count(env.logs.String(), "policy_dir unreadable"); n != 1 {
+		t.Errorf("%d log lines for the unreadable policy_dir over several polls, want 1", n)
+	}
+	if err := os.Rename(filepath.Join(store, "moved"), filepath.Join(store, "real")); err != nil {
+		t.Fatal(err)
+	}
+	waitFor("the error cleared", func(r PolicyReport) bool { return r.Error == "" })
 }
