@@ -1,9 +1,9 @@
 package main
 
 import (
+	"context"
 	"errors"
 	"fmt"
-	"os"
 	"path/filepath"
 	"text/tabwriter"
 	"time"
@@ -24,12 +24,22 @@ func newACLCommand() *cobra.Command {
 	}
 	check := &cobra.Command{
 		Use:   "check FILE...",
-		Short: "Validate ACL files offline; prints file:entry N: reason for every problem",
-		Args:  cobra.MinimumNArgs(1),
+		Short: "Validate ACL files offline with the server's loader; prints file:entry N: reason for every problem",
+		Long: `Validate ACL files offline, exactly as the server loads each file of policy_dir:
+the same size limit (1 MiB), parser and validation. Symbolic links are followed;
+directories, FIFOs, devices and sockets are refused without being read. The
+environment of a file is taken from its directory (policy_dir/<env>/<service>.json).`,
+		Args: cobra.MinimumNArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
+			// The root command's context ends on SIGINT/SIGTERM.
+			ctx := cmd.Context()
 			bad := 0
-			for _, f := range args {
-				if _, err := loadACL(f, envOfPath(f)); err != nil {
+			for i, f := range args {
+				err := checkACL(ctx, f)
+				if ctx.Err() != nil {
+					return fmt.Errorf("acl check interrupted after %d of %d file(s)", i, len(args))
+				}
+				if err != nil {
 					fmt.Fprintln(cmd.OutOrStdout(), err)
 					bad++
 				}
@@ -83,6 +93,9 @@ func newACLCommand() *cobra.Command {
 				return err
 			}
 			fmt.Fprintf(cmd.OutOrStdout(), "policy_dir %s, default policy %s\n", rep.Dir, rep.DefaultPolicy)
+			if rep.Error != "" {
+				fmt.Fprintf(cmd.OutOrStdout(), "policy_dir unreadable, the policies below stay in force: %s\n", oneLine(rep.Error))
+			}
 			tw := tabwriter.NewWriter(cmd.OutOrStdout(), 2, 4, 2, ' ', 0)
 			fmt.Fprintln(tw, "SERVICE\tFILE\tSTATE\tENTRIES\tLOADED\tERROR")
 			for _, s := range rep.Services {
@@ -113,20 +126,27 @@ func newACLCommand() *cobra.Command {
 }
 
 // loadACL reads, parses and validates one ACL file for a destination in env
-// ("" when unknown).
+// ("" when unknown), with the server's loader.
 func loadACL(path, env string) (authz.ACL, error) {
-	data, err := os.ReadFile(path)
-	if err != nil {
-		return nil, err
+	return authz.LoadFile(path, env)
+}
+
+// checkACL loads one file as the server would and returns why it is invalid
+// (nil when valid), or ctx's error when ctx ends first. The load cannot
+// block on what the file is (authz.ReadFile refuses FIFOs and devices), but
+// a slow filesystem could, so it is not waited for once ctx ends.
+func checkACL(ctx context.Context, path string) error {
+	done := make(chan error, 1)
+	go func() {
+		_, err := loadACL(path, envOfPath(path))
+		done <- err
+	}()
+	select {
+	case err := <-done:
+		return err
+	case <-ctx.Done():
+		return ctx.Err()
 	}
-	acl, err := authz.Parse(data, path)
-	if err != nil {
-		return nil, err
-	}
-	if err := acl.Validate(path, env); err != nil {
-		return nil, err
-	}
-	return acl, nil
 }
 
 // envOfPath guesses the destination's environment from the policy_dir
