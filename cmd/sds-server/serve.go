@@ -108,6 +108,9 @@ func serve(ctx context.Context, cfg *config, stdout, stderr io.Writer) error {
 	if err := prepareDataDir(cfg.DataDir); err != nil {
 		return err
 	}
+	if err := securePermissions(log, cfg.DataDir); err != nil {
+		return err
+	}
 	kv, err := store.OpenBolt(filepath.Join(cfg.DataDir, "state.db"))
 	if err != nil {
 		return err

@@ -31,6 +31,11 @@ func newTokenCommand() *cobra.Command {
 			if service == "" {
 				return usageError{fmt.Errorf("--service is required")}
 			}
+			// `token create > FILE`: FILE holds the token; make it 0600
+			// before a token exists.
+			if err := privateStdout(cmd.OutOrStdout()); err != nil {
+				return err
+			}
 			var out sds.TokenCreateResponse
 			req := sds.TokenCreateRequest{Service: service, Env: env, TTL: ttl.String(), Uses: &uses}
 			if err := callAdmin(cmd, "POST", "/v1/tokens", req, &out); err != nil {

@@ -394,7 +394,10 @@ func (d *demo) bootstraps(ctx context.Context) error {
 	errs := make([]error, len(d.mesh))
 	for i, s := range d.mesh {
 		s.config = filepath.Join(d.dir, "envoy", s.name+".yaml")
-		args := []string{"bootstrap", "envoy", "--server", d.sdsAddr, "--token", s.token,
+		// The token goes in SDS_TOKEN, not on the command line (where every
+		// local user could read it); the admin is on loopback TCP because
+		// the demo reads /ready, /certs and /stats there.
+		args := []string{"bootstrap", "envoy", "--server", d.sdsAddr,
 			"--service-port", strconv.Itoa(s.appPort), "--listen", fmt.Sprintf("127.0.0.1:%d", s.inPort),
 			"--admin", fmt.Sprintf("127.0.0.1:%d", s.adminPort), "--node-id", s.name + "-1", "-o", s.config}
 		for _, u := range s.upstreams {
@@ -403,7 +406,7 @@ func (d *demo) bootstraps(ctx context.Context) error {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			if _, err := d.cli(ctx, args...); err != nil {
+			if _, err := d.cliEnv(ctx, []string{"SDS_TOKEN=" + s.token}, args...); err != nil {
 				errs[i] = fmt.Errorf("bootstrap envoy for %s: %w", s.name, err)
 				return
 			}
@@ -430,9 +433,17 @@ func (d *demo) bootstraps(ctx context.Context) error {
 
 // cli runs an sds-server subcommand and returns its stdout.
 func (d *demo) cli(ctx context.Context, args ...string) (string, error) {
+	return d.cliEnv(ctx, nil, args...)
+}
+
+// cliEnv is cli with extra environment variables (NAME=VALUE).
+func (d *demo) cliEnv(ctx context.Context, env []string, args ...string) (string, error) {
 	cctx, cancel := context.WithTimeout(ctx, 20*time.Second)
 	defer cancel()
 	cmd := exec.CommandContext(cctx, d.o.serverBin, args...)
+	if env != nil {
+		cmd.Env = append(os.Environ(), env...)
+	}
 	var stdout, stderr bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr
 	if err := cmd.Run(); err != nil {
