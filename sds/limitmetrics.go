@@ -9,14 +9,14 @@ import (
 
 // Values of the limit label of sds_limit_rejections_total, one per limit.
 const (
-	limitHandshake   = "handshake_timeout"  // TLS handshake and HTTP/2 preface not done in time
-	limitIdle        = "idle_connection"    // connection with no stream closed after limits.idle_timeout
-	limitConnections = "max_connections"    // connection over limits.max_connections closed at once
-	limitStreams     = "streams_per_node"   // stream over limits.max_streams_per_node
-	limitNames       = "resource_names"     // request over limits.max_resource_names
-	limitNameLength  = "name_length"        // name over limits.max_name_length
-	limitRequestSize = "request_size"       // message over limits.max_request_bytes
-	limitAuthRate    = "auth_failure_rate"  // source over its authentication failure budget
+	limitHandshake   = "handshake_timeout" // TLS handshake and HTTP/2 preface not done in time
+	limitIdle        = "idle_connection"   // connection with no stream closed after limits.idle_timeout
+	limitConnections = "max_connections"   // connection over limits.max_connections closed at once
+	limitStreams     = "streams_per_node"  // stream over limits.max_streams_per_node
+	limitNames       = "resource_names"    // request over limits.max_resource_names
+	limitNameLength  = "name_length"       // name over limits.max_name_length
+	limitRequestSize = "request_size"      // message over limits.max_request_bytes
+	limitAuthRate    = "auth_failure_rate" // source over its authentication failure budget
 )
 
 var limitLabels = []string{limitHandshake, limitIdle, limitConnections, limitStreams, limitNames, limitNameLength, limitRequestSize, limitAuthRate}
