@@ -84,7 +84,7 @@ func (s *Server) pruneNodes(ctx context.Context) (int, error) {
 	}
 	removed := 0
 	for _, id := range ids {
-		ok, err := s.nodes.prune(ctx, id, cutoff, s.isLive)
+		ok, err := s.nodes.prune(ctx, id, cutoff, s.inUse)
 		if err != nil {
 			return removed, err
 		}
@@ -106,10 +106,28 @@ func (s *Server) isLive(id string) bool {
 	return s.live[id] != nil
 }
 
+// inUse reports whether n may be in use: held in memory, or possibly being
+// bound by a stream of its token that is not bound to a node yet (between
+// the registry lookup and the in-memory node, admission holds no lock).
+func (s *Server) inUse(n *Node) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.live[n.ID] != nil {
+		return true
+	}
+	for _, st := range s.streams {
+		if st.node == nil && st.token.ID == n.TokenID {
+			return true
+		}
+	}
+	return false
+}
+
 // prune removes node id and its index entry if it is still prunable at
-// cutoff and not live. It runs under the registry lock, so no admission
-// looks the node up meanwhile.
-func (r *nodeRegistry) prune(ctx context.Context, id string, cutoff time.Time, live func(string) bool) (bool, error) {
+// cutoff and not in use. It runs under the registry lock, so no admission
+// looks the node up meanwhile, and one that looked it up before is seen by
+// inUse.
+func (r *nodeRegistry) prune(ctx context.Context, id string, cutoff time.Time, inUse func(*Node) bool) (bool, error) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	n, err := r.get(ctx, id)
@@ -119,7 +137,7 @@ func (r *nodeRegistry) prune(ctx context.Context, id string, cutoff time.Time, l
 	if err != nil {
 		return false, err
 	}
-	if !prunable(n, cutoff) || live(id) {
+	if !prunable(n, cutoff) || inUse(n) {
 		return false, nil
 	}
 	key := indexKey(n.TokenID, n.ClaimedID)

@@ -98,3 +98,28 @@ func TestPrunable(t *testing.T) {
 		}
 	}
 }
+
+// TestPruneSkipsNodeBeingAdmitted: a record is not pruned while a stream of
+// its token is between the registry lookup and the in-memory node.
+func TestPruneSkipsNodeBeingAdmitted(t *testing.T) {
+	env := newTestEnv(t)
+	ctx := context.Background()
+	old := env.clock.Now().Add(-30 * 24 * time.Hour)
+	n := &Node{ID: "f0f0", Service: "old", Env: "default", TokenID: "t-busy", ClaimedID: "f", Status: NodeActive, FirstSeen: old, LastSeen: old}
+	if err := env.srv.nodes.put(ctx, n); err != nil {
+		t.Fatal(err)
+	}
+	env.srv.mu.Lock()
+	env.srv.streams[999] = &streamState{ctx: ctx}
+	env.srv.streams[999].token.ID = "t-busy"
+	env.srv.mu.Unlock()
+	if got, err := env.srv.pruneNodes(ctx); err != nil || got != 0 {
+		t.Fatalf("pruneNodes = %d, %v while a stream of its token is being admitted; want 0", got, err)
+	}
+	env.srv.mu.Lock()
+	delete(env.srv.streams, 999)
+	env.srv.mu.Unlock()
+	if got, err := env.srv.pruneNodes(ctx); err != nil || got != 1 {
+		t.Fatalf("pruneNodes = %d, %v once the stream is gone; want 1", got, err)
+	}
+}
