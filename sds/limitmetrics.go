@@ -42,7 +42,7 @@ func newLimitMetrics() *limitMetrics {
 		}),
 		logSuppressed: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "sds_log_lines_suppressed_total",
-			Help: "Log lines a client could provoke that were dropped by the log rate limit (a summary line says how many), by event.",
+			Help: "Log lines a client could provoke that were dropped by the log rate limit (a summary line says how many), by event (stream_refused, admission_failed, secret_not_served, nack, shared_identity).",
 		}, []string{"event"}),
 		logTruncated: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "sds_log_values_truncated_total",
@@ -56,8 +56,8 @@ func newLimitMetrics() *limitMetrics {
 	for _, l := range limitLabels {
 		m.rejections.WithLabelValues(l)
 	}
-	for _, e := range logEvents {
-		m.logSuppressed.WithLabelValues(e)
+	for _, l := range eventLabels {
+		m.logSuppressed.WithLabelValues(l)
 	}
 	return m
 }
@@ -89,7 +89,7 @@ func typeLabel(typeURL string) string {
 // failure.
 var authReasons = []string{
 	bootstrap.ReasonMissing, bootstrap.ReasonMalformed, bootstrap.ReasonWrongRoot, bootstrap.ReasonUnknown,
-	bootstrap.ReasonRevoked, bootstrap.ReasonExpired, bootstrap.ReasonExhausted, "node_revoked", "bad_node",
+	bootstrap.ReasonRevoked, bootstrap.ReasonExpired, bootstrap.ReasonExhausted, "node_revoked", reasonNodeExpired, "bad_node",
 }
 
 // preinit creates the labelled failure series of m at 0.

@@ -113,7 +113,7 @@ func newLimitState(s *Server) *limitState {
 	l := s.cfg.Limits
 	m := s.cfg.Metrics.limits
 	logs := newLogThrottle(s.log, s.now)
-	logs.suppressed = func(event string) { m.logSuppressed.WithLabelValues(event).Inc() }
+	logs.suppressed = func(event string) { m.logSuppressed.WithLabelValues(eventLabel(event)).Inc() }
 	logs.truncated = m.logTruncated.Inc
 	return &limitState{
 		m:       m,

@@ -433,7 +433,7 @@ func TestLogFlood(t *testing.T) {
 	if !strings.Contains(env.logs.String(), "suppressed repeated log lines") {
 		t.Fatal("no summary line after the flood")
 	}
-	if metricValue(t, env.metrics.limits.logSuppressed.WithLabelValues(eventRefused)) < float64(floods-budget) {
+	if metricValue(t, env.metrics.limits.logSuppressed.WithLabelValues(eventLabel(eventRefused))) < float64(floods-budget) {
 		t.Fatal("suppressed refusal lines not counted")
 	}
 	if metricValue(t, env.metrics.limits.logTruncated) == 0 {

@@ -10,17 +10,33 @@ import (
 )
 
 // Log events a client can trigger at will, each rate-limited per reason by
-// logThrottle. They are also the values of the event label of
-// sds_log_lines_suppressed_total.
+// logThrottle.
 const (
 	eventRefused   = "stream refused"
 	eventAdmission = "stream admission failed"
 	eventNotServed = "secret not served to this identity"
 	eventNACK      = "envoy rejected a response"
+	// eventShared is repeated by whoever holds a node's token and node.id
+	// and reconnects in a loop; a metric counts every one.
+	eventShared = "node's key is now served to two connections: another process may hold its token and node.id (after a sidecar restart this can be the old connection, not closed yet)"
 )
 
-// logEvents are the events logThrottle knows, to pre-initialise metrics.
-var logEvents = []string{eventRefused, eventAdmission, eventNotServed, eventNACK}
+// eventLabels are the event label values of sds_log_lines_suppressed_total.
+var eventLabels = map[string]string{
+	eventRefused:   "stream_refused",
+	eventAdmission: "admission_failed",
+	eventNotServed: "secret_not_served",
+	eventNACK:      "nack",
+	eventShared:    "shared_identity",
+}
+
+// eventLabel is the metric label of event, "other" for an unknown one.
+func eventLabel(event string) string {
+	if l, ok := eventLabels[event]; ok {
+		return l
+	}
+	return "other"
+}
 
 // Defaults of the log throttle: a few lines per reason per second, then one
 // summary line per reason and minute.
