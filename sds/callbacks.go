@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"strings"
 
 	core "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
@@ -22,6 +23,7 @@ import (
 type refusal struct {
 	code   codes.Code
 	reason string // metric label; empty when not an authentication failure
+	limit  string // sds_limit_rejections_total label; empty when no limit refused it
 	msg    string
 }
 
@@ -62,6 +64,9 @@ func (c callbacks) open(ctx context.Context, id int64, typeURL, protocol string)
 	if p, ok := peer.FromContext(ctx); ok {
 		st.peer = p.Addr.String()
 	}
+	if err := s.authRateRefusal(st); err != nil {
+		return c.refuse(st, id, err)
+	}
 	rec, err := s.authenticate(ctx)
 	if err != nil {
 		return c.refuse(st, id, err)
@@ -92,17 +97,22 @@ func (c callbacks) refuse(st *streamState, id int64, err error) error {
 		}
 	case errors.As(err, &rf):
 		code, reason = rf.code, rf.reason
+		if rf.limit != "" {
+			reason = rf.limit
+			c.s.lim.m.reject(rf.limit)
+		}
 	case errors.Is(err, context.Canceled):
 		code = codes.Canceled
 	default:
 		msg = "internal error admitting the stream; see the server log"
-		c.s.log.Error("stream admission failed", "stream_id", id, "peer", st.peer, "error", err)
+		c.s.lim.logs.logAt(slog.LevelError, eventAdmission, "", "stream_id", id, "peer", st.peer, "error", err)
 	}
-	if reason != "" {
+	if reason != "" && (rf == nil || rf.limit == "") { // an authentication failure
 		c.s.cfg.Metrics.authFailures.WithLabelValues(reason).Inc()
+		c.s.lim.authLim.fail(st.peer)
 	}
-	c.s.log.Warn("stream refused", "stream_id", id, "peer", st.peer, "xds_type", st.kind,
-		"token_id", st.token.ID, "code", code.String(), "reason", reason, "message", msg)
+	c.s.lim.logs.warn(eventRefused, reason, "stream_id", id, "peer", st.peer, "xds_type", st.kind,
+		"token_id", c.s.lim.logs.clip(st.token.ID), "code", code.String(), "reason", reason, "message", c.s.lim.logs.clip(msg))
 	return status.Error(code, msg)
 }
 
@@ -129,6 +139,10 @@ func (c callbacks) request(id int64, claimed *core.Node, typeURL string, names [
 			return nil, c.refuse(st, id, err)
 		}
 		s.mu.Lock()
+		if err := s.streamLimitRefusal(ln); err != nil {
+			s.mu.Unlock()
+			return nil, c.refuse(st, id, err)
+		}
 		st.node = ln
 		st.xdsNode = &core.Node{Id: ln.rec.ID, Cluster: ln.rec.Service}
 		revoked, tokenRevoked := ln.revoked.Load(), ln.tokenRevoked.Load()
@@ -158,18 +172,21 @@ func (c callbacks) request(id int64, claimed *core.Node, typeURL string, names [
 		}
 	}
 	if nack != nil {
-		s.cfg.Metrics.nacks.WithLabelValues(typeURL).Inc()
-		s.log.Warn("envoy rejected a response", "stream_id", id, "node_id", st.node.rec.ID, "type_url", typeURL, "error_detail", *nack)
+		s.cfg.Metrics.nacks.WithLabelValues(typeLabel(typeURL)).Inc()
+		s.lim.logs.warn(eventNACK, typeLabel(typeURL), "stream_id", id, "node_id", st.node.rec.ID,
+			"type_url", s.lim.logs.clip(typeURL), "error_detail", s.lim.logs.clip(*nack))
 	}
 	for _, name := range names {
 		if st.unknown[name] || s.cache.has(st.node.rec.ID, typeURL, name) {
 			continue
 		}
 		if typeURL == xdsres.SecretType {
-			st.unknown[name] = true
-			s.cfg.Metrics.unknownResources.WithLabelValues(typeURL).Inc()
-			s.log.Warn("secret not served to this identity", "stream_id", id, "node_id", st.node.rec.ID,
-				"spiffe_id", st.node.identity.SPIFFEID(), "name", name)
+			if len(st.unknown) < s.cfg.Limits.MaxResourceNames {
+				st.unknown[name] = true
+			}
+			s.cfg.Metrics.unknownResources.WithLabelValues(typeLabel(typeURL)).Inc()
+			s.lim.logs.warn(eventNotServed, "", "stream_id", id, "node_id", st.node.rec.ID,
+				"spiffe_id", st.node.identity.SPIFFEID(), "name", s.lim.logs.clip(name))
 		}
 	}
 	return st.xdsNode, nil
@@ -212,6 +229,9 @@ func (c callbacks) OnStreamClosed(id int64, _ *core.Node) { c.closed(id) }
 
 // OnStreamRequest implements the server callbacks.
 func (c callbacks) OnStreamRequest(id int64, req *discovery.DiscoveryRequest) error {
+	if err := c.checkRequest(id, req.GetTypeUrl(), req.GetResourceNames(), nil, false); err != nil {
+		return err
+	}
 	n, err := c.request(id, req.GetNode(), req.GetTypeUrl(), req.GetResourceNames(), req.GetResponseNonce(), nackDetail(req.GetErrorDetail(), req.GetErrorDetail() != nil))
 	if err != nil {
 		return err
@@ -272,6 +292,9 @@ func (c callbacks) OnDeltaStreamClosed(id int64, _ *core.Node) { c.closed(deltaS
 
 // OnStreamDeltaRequest implements the server callbacks.
 func (c callbacks) OnStreamDeltaRequest(id int64, req *discovery.DeltaDiscoveryRequest) error {
+	if err := c.checkRequest(deltaStreamID(id), req.GetTypeUrl(), req.GetResourceNamesSubscribe(), req.GetResourceNamesUnsubscribe(), true); err != nil {
+		return err
+	}
 	n, err := c.request(deltaStreamID(id), req.GetNode(), req.GetTypeUrl(), req.GetResourceNamesSubscribe(), req.GetResponseNonce(), nackDetail(req.GetErrorDetail(), req.GetErrorDetail() != nil))
 	if err != nil {
 		return err

@@ -21,6 +21,7 @@ type Metrics struct {
 	sharedIdentity    prometheus.Counter
 	policyErrors      prometheus.Counter
 	policyInvalid     prometheus.Gauge
+	limits            *limitMetrics
 	reg               prometheus.Registerer
 }
 
@@ -46,11 +47,11 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 		}, []string{"reason"}),
 		nacks: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "sds_nacks_total",
-			Help: "Responses rejected by Envoy (requests carrying error_detail), by type URL.",
+			Help: "Responses rejected by Envoy (requests carrying error_detail), by type URL (the served ones, else other).",
 		}, []string{"type_url"}),
 		unknownResources: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "sds_unknown_resource_requests_total",
-			Help: "Requests for resource names the stream's identity may not receive, by type URL.",
+			Help: "Requests for resource names the stream's identity may not receive, by type URL (the served ones, else other).",
 		}, []string{"type_url"}),
 		nodesAdmitted: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "sds_nodes_admitted_total",
@@ -73,9 +74,12 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 		Name: "sds_policy_invalid_files",
 		Help: "Files in policy_dir whose current content is not in force (invalid or misplaced).",
 	})
+	m.limits = newLimitMetrics()
 	m.reg = reg
 	reg.MustRegister(m.streams, m.certsIssued, m.issueLatency, m.authFailures, m.nacks,
 		m.unknownResources, m.nodesAdmitted, m.connectedSidecars, m.sharedIdentity, m.policyErrors, m.policyInvalid)
+	reg.MustRegister(m.limits.collectors()...)
+	m.preinit()
 	return m
 }
 

@@ -83,6 +83,9 @@ type Config struct {
 	CRLPeriod time.Duration
 	// Now is the clock; nil means time.Now.
 	Now func() time.Time
+	// Limits bound what clients can make the server hold (limits.go); zero
+	// fields take DefaultLimits.
+	Limits Limits
 }
 
 // Server is the xDS server. Create it with New, expose it with Serve.
@@ -109,6 +112,7 @@ type Server struct {
 	// revokerCRLFailedAt is when fetching the CRL of an issuer.Revoker last
 	// failed (UnixNano), zero once it succeeds: crlLoop retries it sooner.
 	revokerCRLFailedAt atomic.Int64
+	lim                *limitState // connection, stream and log limits (limits.go)
 
 	mu      sync.Mutex
 	streams map[int64]*streamState
@@ -139,6 +143,7 @@ type streamState struct {
 	unknown  map[string]bool // names already reported as not served
 	pending  []sentCert      // responses carrying a certificate, not yet ACKed
 	end      func(error)     // ends the stream with a cause (endStreamWith)
+	names    streamNames     // names subscribed (delta), bounded by Limits
 }
 
 // liveNode is a node with its in-memory state: current certificate, open
@@ -230,6 +235,7 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 	if cfg.DefaultPolicy == nil {
 		cfg.DefaultPolicy = authz.DenyAll()
 	}
+	cfg.Limits = cfg.Limits.WithDefaults()
 	s := &Server{
 		cfg:     cfg,
 		log:     cfg.Logger,
@@ -240,6 +246,7 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 		live:    make(map[string]*liveNode),
 		draw:    newSpreader(),
 	}
+	s.lim = newLimitState(s)
 	s.sched = newScheduler(cfg.Now, s.renew)
 	if err := s.SetPolicies(nil, cfg.DefaultPolicy); err != nil {
 		return nil, fmt.Errorf("default policy: %w", err)
@@ -257,6 +264,7 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 	go s.sched.run(ctx, cfg.RenewWorkers)
 	go s.refreshRootsLoop(ctx)
 	go s.crlLoop(ctx)
+	go s.runLimits(ctx)
 	return s, nil
 }
 
@@ -348,12 +356,14 @@ func (s *Server) Register(g *grpc.Server) {
 // Serve serves xDS over TLS on lis until ctx ends, then stops gracefully
 // (streams are cut after a grace period: Envoy reconnects elsewhere).
 func (s *Server) Serve(ctx context.Context, lis net.Listener, tlsConf *tls.Config) error {
-	g := grpc.NewServer(
+	g := grpc.NewServer(append([]grpc.ServerOption{
 		grpc.Creds(credentials.NewTLS(tlsConf)),
-		grpc.KeepaliveParams(keepalive.ServerParameters{Time: 30 * time.Second, Timeout: 10 * time.Second}),
+		// MaxConnectionIdle closes connections with no stream (limits.go).
+		grpc.KeepaliveParams(keepalive.ServerParameters{Time: 30 * time.Second, Timeout: 10 * time.Second, MaxConnectionIdle: s.cfg.Limits.IdleTimeout}),
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second, PermitWithoutStream: true}),
 		grpc.MaxConcurrentStreams(1024),
-	)
+	}, s.grpcLimitOptions()...)...)
+	lis = s.limitListener(lis)
 	s.Register(g)
 	done := make(chan struct{})
 	go func() {

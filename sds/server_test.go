@@ -136,6 +136,7 @@ type envOptions struct {
 	issueTimeout time.Duration // zero: the server's default
 	renewWorkers int           // zero: the server's default
 	renewWindow  RenewWindow   // zero: the server's default
+	limits       Limits        // zero fields: DefaultLimits
 }
 
 // newTestEnv is newTestEnvWith with the default options.
@@ -194,6 +195,7 @@ func newTestEnvWith(t *testing.T, o envOptions) *testEnv {
 		Metrics:      env.metrics,
 		Logger:       slog.New(slog.NewTextHandler(env.logs, &slog.HandlerOptions{Level: slog.LevelDebug})),
 		Now:          env.clock.Now,
+		Limits:       o.limits,
 	})
 	if err != nil {
 		cancel()

@@ -77,6 +77,5 @@ func (s *Server) reportShared(ev *sharedEvent, streamID int64) {
 		return
 	}
 	s.cfg.Metrics.sharedIdentity.Inc()
-	s.log.Warn("node's key is now served to two connections: another process may hold its token and node.id (after a sidecar restart this can be the old connection, not closed yet)",
-		"node_id", ev.nodeID, "peer", ev.peer, "other_peers", ev.others, "stream_id", streamID)
+	s.lim.logs.warn(eventShared, "", "node_id", ev.nodeID, "peer", ev.peer, "other_peers", ev.others, "stream_id", streamID)
 }

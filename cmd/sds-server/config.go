@@ -34,6 +34,8 @@ type config struct {
 	LogLevel    string   `mapstructure:"log_level"`
 	// CA chooses and configures the certificate authority backend.
 	CA caConfig `mapstructure:"ca"`
+	// Limits bound what clients can make the server hold (limits.go).
+	Limits limitsConfig `mapstructure:"limits"`
 }
 
 // caConfig is the ca.* keys (env SDS_CA_*): the built-in CA (local, the
@@ -113,6 +115,9 @@ func loadConfig(cmd *cobra.Command) (*config, error) {
 	for k, d := range defaults {
 		v.SetDefault(k, d)
 	}
+	for k, d := range limitDefaults() {
+		v.SetDefault(k, d)
+	}
 	v.SetEnvPrefix("SDS")
 	v.SetEnvKeyReplacer(strings.NewReplacer(".", "_"))
 	v.AutomaticEnv()
@@ -170,6 +175,9 @@ func (c *config) validate() error {
 	}
 	if c.ListenAddr == "" {
 		return errors.New("listen_addr is empty")
+	}
+	if err := c.Limits.validate(); err != nil {
+		return err
 	}
 	return c.CA.validate()
 }

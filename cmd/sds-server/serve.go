@@ -133,6 +133,8 @@ func serve(ctx context.Context, cfg *config, stdout, stderr io.Writer) error {
 	}
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	limits := cfg.Limits.sds()
+	limits.MaxConnections = fitConnections(limits.MaxConnections, log)
 	srv, err := sds.New(ctx, sds.Config{
 		TrustDomain:   cfg.TrustDomain,
 		CertTTL:       cfg.CertTTL,
@@ -144,6 +146,7 @@ func serve(ctx context.Context, cfg *config, stdout, stderr io.Writer) error {
 		Store:         kv,
 		Metrics:       sds.NewMetrics(reg),
 		Logger:        log,
+		Limits:        limits,
 	})
 	if err != nil {
 		return err
