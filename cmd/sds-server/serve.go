@@ -120,6 +120,9 @@ func serve(ctx context.Context, cfg *config, stdout, stderr io.Writer) error {
 	if err != nil {
 		return err
 	}
+	if l, ok := ca.(*local.CA); ok {
+		warnTrustDomainChange(log, l.Root(), filepath.Join(cfg.DataDir, "ca"), cfg.TrustDomain)
+	}
 
 	window, err := sds.ParseRenewWindow(cfg.RenewWindow)
 	if err != nil {
