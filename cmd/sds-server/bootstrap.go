@@ -32,6 +32,10 @@ SHA-256 matches the digest inside the token, and prints an Envoy bootstrap (YAML
 an inbound mTLS listener in front of the local app, one outbound listener per upstream,
 and an ADS connection to the server pinned to that root and carrying the token.
 
+The trust domain is the one in the server's own certificate (spiffe://<trust
+domain>/sds-server), verified under that root; a --trust-domain (or SDS_TRUST_DOMAIN,
+or trust_domain in --config) that disagrees is refused and nothing is written.
+
 The token comes from exactly one of --token-file, $SDS_TOKEN and --token (which every
 local user can read in the process list). The bootstrap holds the token: with the node
 id, it is the node's identity, private key included, for as long as the token or the
@@ -127,13 +131,21 @@ func runBootstrapEnvoy(cmd *cobra.Command, _ []string) error {
 	}
 	ctx, cancel := context.WithTimeout(cmd.Context(), timeout)
 	defer cancel()
-	_, rootPEM, err := bootstrap.FetchRoot(ctx, server, tok)
+	tdSource, err := trustDomainSource(cmd)
+	if err != nil {
+		return err
+	}
+	srv, err := bootstrap.FetchServer(ctx, server, tok)
+	if err != nil {
+		return err
+	}
+	trustDomain, err := bootstrapTrustDomain(srv, server, cfg.TrustDomain, tdSource)
 	if err != nil {
 		return err
 	}
 	out, err := bootstrap.RenderEnvoy(bootstrap.EnvoyOptions{
-		NodeID: nodeID, Cluster: cluster, Server: server, Token: tokText, RootPEM: rootPEM,
-		TrustDomain: cfg.TrustDomain, Env: env, ListenAddr: listen, ServicePort: servicePort,
+		NodeID: nodeID, Cluster: cluster, Server: server, Token: tokText, RootPEM: srv.RootPEM,
+		TrustDomain: trustDomain, Env: env, ListenAddr: listen, ServicePort: servicePort,
 		Upstreams: upstreams, AdminSocket: adminSocket, AdminAddr: adminAddr, AllowInsecureAdmin: adminInsecure,
 		MaxConnectionDuration: mcd,
 	})

@@ -116,9 +116,12 @@ func serve(ctx context.Context, cfg *config, stdout, stderr io.Writer) error {
 		return err
 	}
 	defer kv.Close()
-	ca, caDesc, err := openIssuer(ctx, cfg)
+	ca, caDesc, err := openIssuer(ctx, cfg, log)
 	if err != nil {
 		return err
+	}
+	if l, ok := ca.(*local.CA); ok {
+		warnTrustDomainChange(log, l.Root(), filepath.Join(cfg.DataDir, "ca"), cfg.TrustDomain)
 	}
 
 	window, err := sds.ParseRenewWindow(cfg.RenewWindow)
@@ -227,12 +230,15 @@ type certAuthority interface {
 	ServerCertificate(hosts []string, ttl time.Duration) (tls.Certificate, error)
 }
 
-// openIssuer opens the configured CA backend and describes it in a line.
-func openIssuer(ctx context.Context, cfg *config) (certAuthority, string, error) {
+// openIssuer opens the configured CA backend and describes it in a line;
+// waits for step-ca are logged to log.
+func openIssuer(ctx context.Context, cfg *config, log *slog.Logger) (certAuthority, string, error) {
 	if cfg.CA.Backend == backendStepCA {
 		c := cfg.CA
+		log.Info("connecting to step-ca", "url", c.URL, "provisioner", c.Provisioner)
 		ca, err := stepca.Open(ctx, stepca.Options{
-			URL: c.URL, RootFingerprint: c.RootFingerprint, RootFile: c.RootFile,
+			Logger: log,
+			URL:    c.URL, RootFingerprint: c.RootFingerprint, RootFile: c.RootFile,
 			Provisioner: c.Provisioner, KeyFile: c.KeyFile, PasswordFile: c.PasswordFile,
 			TrustDomain: cfg.TrustDomain, TTL: cfg.CertTTL, AllowShortTTL: cfg.AllowShortTTL,
 		})

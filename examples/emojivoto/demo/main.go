@@ -505,28 +505,16 @@ func (d *demo) watch(ctx context.Context) int {
 	} else {
 		d.say("running until Ctrl-C")
 	}
-	tick := time.NewTicker(time.Second)
-	defer tick.Stop()
-	lastTable := time.Time{}
+	// Certificates are polled every second, for the rotation lines; the
+	// table has its own ticker, so it comes every -status-every exactly
+	// (comparing the time since the last table at each poll made it late by
+	// one poll whenever a poll took less time than the one before).
+	poll := time.NewTicker(time.Second)
+	defer poll.Stop()
+	table := time.NewTicker(d.o.every)
+	defer table.Stop()
+	d.table(d.poll())
 	for {
-		views := map[string]certView{}
-		for _, s := range d.mesh {
-			v, err := d.certs(s)
-			if err != nil {
-				continue
-			}
-			views[s.name] = v
-			if v.serial != "" && v.serial != s.serial {
-				if s.serial != "" {
-					d.say("rotated: %s %s -> %s (%s; expires in %s)", s.name, s.serial, v.serial, d.since(), until(v.expires))
-				}
-				s.serial = v.serial
-			}
-		}
-		if time.Since(lastTable) >= d.o.every {
-			d.table(views)
-			lastTable = time.Now()
-		}
 		select {
 		case <-ctx.Done():
 			d.say("interrupted: stopping")
@@ -534,12 +522,35 @@ func (d *demo) watch(ctx context.Context) int {
 		case <-timeout:
 			d.say("-duration %s reached: stopping", d.o.duration)
 			return 0
-		case <-tick.C:
+		case <-poll.C:
+			d.poll()
+		case <-table.C:
+			d.table(d.poll())
 		}
 		if c := d.deadChild(); c != nil {
 			return d.fail("%s exited unexpectedly: %s", c.name, c.logTail())
 		}
 	}
+}
+
+// poll reads every sidecar's certificate, prints a rotation line for each
+// one that changed, and returns what it read.
+func (d *demo) poll() map[string]certView {
+	views := map[string]certView{}
+	for _, s := range d.mesh {
+		v, err := d.certs(s)
+		if err != nil {
+			continue
+		}
+		views[s.name] = v
+		if v.serial != "" && v.serial != s.serial {
+			if s.serial != "" {
+				d.say("rotated: %s %s -> %s (%s; expires in %s)", s.name, s.serial, v.serial, d.since(), until(v.expires))
+			}
+			s.serial = v.serial
+		}
+	}
+	return views
 }
 
 // seconds writes d as the demo's flags do: 60s, not 1m0s.
