@@ -157,6 +157,7 @@ func (c callbacks) request(id int64, claimed *core.Node, typeURL string, names [
 			}
 		}
 	}
+	s.touch(st.node)
 	if nack != nil {
 		s.cfg.Metrics.nacks.WithLabelValues(typeURL).Inc()
 		s.log.Warn("envoy rejected a response", "stream_id", id, "node_id", st.node.rec.ID, "type_url", typeURL, "error_detail", *nack)
@@ -182,6 +183,7 @@ func (c callbacks) closed(id int64) {
 	delete(s.streams, id)
 	if st != nil && st.node != nil {
 		st.node.conns.remove(st.peer)
+		s.seenClosed(st.node)
 		st.node.streams--
 		if st.node.streams == 0 {
 			s.cfg.Metrics.connectedSidecars.Dec()
