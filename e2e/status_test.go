@@ -78,6 +78,7 @@ func TestStatus(t *testing.T) {
 		}
 		return nil
 	})
+	t.Logf("node disconnected %s after the kill", time.Since(killed).Round(time.Millisecond))
 	// Last seen is when its streams closed: after it last spoke, around
 	// the kill (second precision in the clock skew allowed).
 	if n.LastSeen.IsZero() || n.LastSeen.Before(killed.Add(-time.Second)) || n.LastSeen.After(time.Now()) {
