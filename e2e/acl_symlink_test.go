@@ -63,12 +63,17 @@ func TestACLSymlink(t *testing.T) {
 		return nil
 	})
 	apiLine := regexp.MustCompile(`(?m)^default/api\s+default/api\.json\s+(\S+)\s+(\d+)\s+\S+\s+(.*)$`)
+	// acl status exits 1 while a file is invalid, 0 otherwise.
 	aclStatus := func() (state string, entries int, errText string) {
-		m := apiLine.FindStringSubmatch(srv.cli(t, "acl", "status"))
+		out, errOut, code := srv.cliResult("acl", "status")
+		m := apiLine.FindStringSubmatch(out)
 		if m == nil {
-			t.Fatalf("acl status has no line for default/api:\n%s", srv.cli(t, "acl", "status"))
+			t.Fatalf("acl status has no line for default/api (exit %d, %s):\n%s", code, errOut, out)
 		}
 		n, _ := strconv.Atoi(m[2])
+		if wantCode := map[bool]int{true: 0, false: 1}[m[3] == "-"]; code != wantCode {
+			t.Errorf("acl status exit %d with error %q, want %d", code, m[3], wantCode)
+		}
 		return m[1], n, strings.TrimSpace(m[3])
 	}
 	if state, n, e := aclStatus(); state != "active" || n != 2 || e != "-" {

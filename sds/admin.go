@@ -80,7 +80,56 @@ func (s *Server) AdminHandler() http.Handler {
 	mux.HandleFunc("POST /v1/nodes/{id}/revoke", s.handleNodeRevoke)
 	mux.HandleFunc("GET /v1/roots", s.handleRoots)
 	mux.HandleFunc("GET /v1/acl", s.handleACL)
-	return mux
+	mux.HandleFunc("GET /v1/status", s.handleStatus)
+	return jsonErrors{mux}
+}
+
+// jsonErrors answers the requests its mux has no route for (an unknown
+// path: 404; a known path with another method: 405 with Allow) with the
+// admin API's JSON error body instead of the mux's plain text, so that
+// every error a client sees decodes as ErrorResponse.
+type jsonErrors struct{ mux *http.ServeMux }
+
+func (j jsonErrors) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	h, pattern := j.mux.Handler(r)
+	if pattern != "" {
+		j.mux.ServeHTTP(w, r)
+		return
+	}
+	// Learn what the mux would answer, without its body.
+	p := &statusProbe{header: http.Header{}}
+	h.ServeHTTP(p, r)
+	switch p.code {
+	case http.StatusNotFound:
+		writeError(w, p.code, fmt.Errorf("no admin API endpoint %s", r.URL.Path))
+	case http.StatusMethodNotAllowed:
+		w.Header().Set("Allow", p.header.Get("Allow"))
+		writeError(w, p.code, fmt.Errorf("method %s not allowed on %s; allowed: %s", r.Method, r.URL.Path, p.header.Get("Allow")))
+	default: // a redirect to the cleaned path
+		j.mux.ServeHTTP(w, r)
+	}
+}
+
+// statusProbe is a ResponseWriter that keeps the header and status code and
+// discards the body.
+type statusProbe struct {
+	header http.Header
+	code   int
+}
+
+func (p *statusProbe) Header() http.Header { return p.header }
+
+func (p *statusProbe) Write(b []byte) (int, error) {
+	if p.code == 0 {
+		p.code = http.StatusOK
+	}
+	return len(b), nil
+}
+
+func (p *statusProbe) WriteHeader(code int) {
+	if p.code == 0 {
+		p.code = code
+	}
 }
 
 func writeJSON(w http.ResponseWriter, code int, v any) {
@@ -166,7 +215,12 @@ func (s *Server) handleTokenList(w http.ResponseWriter, r *http.Request) {
 	for _, r := range recs {
 		infos = append(infos, s.tokenInfo(r))
 	}
-	writeJSON(w, http.StatusOK, map[string]any{"tokens": infos})
+	writeJSON(w, http.StatusOK, TokenList{Tokens: infos})
+}
+
+// TokenList is the answer to GET /v1/tokens (`token list -o json`).
+type TokenList struct {
+	Tokens []TokenInfo `json:"tokens"`
 }
 
 // TokenRevokeResponse is the answer to POST /v1/tokens/{id}/revoke.
@@ -279,10 +333,32 @@ type NodeRevokeResponse struct {
 	TokenNote string `json:"token_note,omitempty"`
 }
 
+// Node states as the admin API shows them (NodeInfo.State).
+const (
+	// NodeConnected: the node has at least one open xDS stream.
+	NodeConnected = "connected"
+	// NodeDisconnected: the node is admitted but has no open stream.
+	NodeDisconnected = "disconnected"
+	// NodeStateRevoked: the node is revoked.
+	NodeStateRevoked = "revoked"
+)
+
+// NodeModeDirect is NodeInfo.Mode for an Envoy that holds its own xDS
+// streams to the server, the only mode so far (a node agent comes later).
+const NodeModeDirect = "direct"
+
 // NodeInfo is a node as the admin API shows it: the stored record and, for
-// a node this server has seen since it started, its live state.
+// a node this server has seen since it started, its live state. Its
+// LastSeen is the live value (moved by every stream bound, request and
+// stream closed), which the stored record follows at most once a minute.
 type NodeInfo struct {
 	Node
+	// State is NodeConnected, NodeDisconnected or NodeStateRevoked:
+	// unlike Status (the record's lifecycle, active or revoked), it tells
+	// whether the node is connected now.
+	State string `json:"state"`
+	// Mode is how the node talks to the server: NodeModeDirect.
+	Mode string `json:"mode"`
 	// Streams is the number of open xDS streams.
 	Streams int `json:"streams"`
 	// RenewAt is when the current certificate is due for renewal.
@@ -300,7 +376,7 @@ type NodeInfo struct {
 }
 
 func (s *Server) nodeInfo(n Node) NodeInfo {
-	info := NodeInfo{Node: n}
+	info := NodeInfo{Node: n, Mode: NodeModeDirect}
 	s.mu.Lock()
 	ln := s.live[n.ID]
 	if ln != nil {
@@ -308,6 +384,15 @@ func (s *Server) nodeInfo(n Node) NodeInfo {
 		info.Connections, info.SharedEvents = ln.conns.list(), ln.conns.shared
 	}
 	s.mu.Unlock()
+	info.LastSeen = liveLastSeen(n.LastSeen, ln)
+	switch {
+	case n.Status == NodeRevoked:
+		info.State = NodeStateRevoked
+	case info.Streams > 0:
+		info.State = NodeConnected
+	default:
+		info.State = NodeDisconnected
+	}
 	if ln == nil {
 		return info
 	}
@@ -330,7 +415,12 @@ func (s *Server) handleNodeList(w http.ResponseWriter, r *http.Request) {
 	for _, n := range nodes {
 		infos = append(infos, s.nodeInfo(n))
 	}
-	writeJSON(w, http.StatusOK, map[string]any{"nodes": infos})
+	writeJSON(w, http.StatusOK, NodeList{Nodes: infos})
+}
+
+// NodeList is the answer to GET /v1/nodes (`node list -o json`).
+type NodeList struct {
+	Nodes []NodeInfo `json:"nodes"`
 }
 
 func (s *Server) handleNodeGet(w http.ResponseWriter, r *http.Request) {

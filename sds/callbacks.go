@@ -171,6 +171,7 @@ func (c callbacks) request(id int64, claimed *core.Node, typeURL string, names [
 			}
 		}
 	}
+	s.touch(st.node)
 	if nack != nil {
 		s.cfg.Metrics.nacks.WithLabelValues(typeLabel(typeURL)).Inc()
 		s.lim.logs.warn(eventNACK, typeLabel(typeURL), "stream_id", id, "node_id", st.node.rec.ID,
@@ -199,6 +200,7 @@ func (c callbacks) closed(id int64) {
 	delete(s.streams, id)
 	if st != nil && st.node != nil {
 		st.node.conns.remove(st.peer)
+		s.seenClosed(st.node)
 		st.node.streams--
 		if st.node.streams == 0 {
 			s.cfg.Metrics.connectedSidecars.Dec()

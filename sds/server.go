@@ -164,6 +164,7 @@ type liveNode struct {
 	streams   int       // guarded by Server.mu
 	idleSince time.Time // when streams last dropped to 0; guarded by Server.mu
 	conns     connSet   // open connections by peer (shared.go); guarded by Server.mu
+	seen      lastSeen  // when last heard from (lastseen.go)
 
 	due       time.Time // guarded by scheduler.mu
 	heapIndex int       // position in the scheduler's heap, -1 if not scheduled
@@ -725,17 +726,19 @@ func serialHex(c *x509.Certificate) string { return fmt.Sprintf("%x", c.SerialNu
 // NodeList returns every node in the registry, oldest first.
 func (s *Server) NodeList(ctx context.Context) ([]Node, error) { return s.nodes.list(ctx) }
 
-// Ready reports whether the server can serve: it has a trust bundle, and no
+// Ready reports whether the server can serve: it has a trust bundle, no
 // connected node is within 10 % of its certificate's expiry while its
-// renewal keeps failing.
+// renewal keeps failing, and the revocation list is not near its end. The
+// error joins every reason (errors.Join), which GET /v1/status lists.
 func (s *Server) Ready(context.Context) error {
 	if b := s.rootCA.Load(); b == nil || len(b.roots) == 0 {
 		return errors.New("no trust bundle loaded")
 	}
+	var errs []error
 	if n := s.nodesAtRisk(); n > 0 {
-		return fmt.Errorf("%d node(s) within 10%% of certificate expiry with renewal failing", n)
+		errs = append(errs, fmt.Errorf("%d node(s) within 10%% of certificate expiry with renewal failing", n))
 	}
-	return s.crlAtRisk()
+	return errors.Join(append(errs, s.crlAtRisk())...)
 }
 
 // connectedNodes returns the nodes with at least one open stream.
