@@ -290,6 +290,9 @@ func TestReferences(t *testing.T) {
 			}
 		}
 	}
+	if svc, ok := m.services["sds-server"]; ok && !svc.Spec.PublishNotReadyAddresses {
+		t.Error("Service sds-server: want publishNotReadyAddresses: true (a not-ready single server must stay reachable for renewals)")
+	}
 	for _, want := range []struct{ svc, port string }{{"sds-server", "sds"}, {"sds-server-metrics", "metrics"}} {
 		svc, ok := m.services[want.svc]
 		if !ok || len(svc.Spec.Ports) != 1 || svc.Spec.Ports[0].TargetPort.StrVal != want.port {
