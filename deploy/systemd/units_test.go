@@ -125,6 +125,11 @@ func TestServerUnit(t *testing.T) {
 	if got := u["Service"]["SystemCallFilter"]; !slices.Equal(got, []string{"@system-service", "~@privileged"}) {
 		t.Errorf("SystemCallFilter %q, want @system-service then ~@privileged", got)
 	}
+	// serve lowers limits.max_connections (default 10000) to the open-file
+	// limit minus 64.
+	if n, err := strconv.Atoi(u["Service"]["LimitNOFILE"][0]); err != nil || n < 10000+64 {
+		t.Errorf("LimitNOFILE %q: want at least 10064, or serve lowers the default connection limit", u["Service"]["LimitNOFILE"])
+	}
 	// No unit-level Environment= may carry a secret; the env file is
 	// optional and root's.
 	if env := u["Service"]["Environment"]; len(env) != 0 {
