@@ -18,7 +18,8 @@ COPY go.mod go.sum ./
 RUN go mod download
 COPY . .
 ARG VERSION=dev
-RUN CGO_ENABLED=0 go build -trimpath -ldflags "-s -w -X main.version=${VERSION}" -o /out/sds-server ./cmd/sds-server \
+ARG COMMIT=
+RUN CGO_ENABLED=0 go build -trimpath -ldflags "-s -w -X main.version=${VERSION} -X main.commit=${COMMIT}" -o /out/sds-server ./cmd/sds-server \
  && CGO_ENABLED=0 go build -trimpath -ldflags "-s -w" -o /out/stepcainit ./e2e/stepcainit \
  && mkdir -p /out/empty \
  && mkdir -m 700 /out/private

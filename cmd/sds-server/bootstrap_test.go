@@ -137,6 +137,20 @@ func TestBootstrapEnvoyErrors(t *testing.T) {
 		{name: "missing --listen", args: base(nil, "--listen"), code: 2, want: []string{"--listen"}},
 		{name: "non-numeric --service-port", args: base(map[string]string{"--service-port": "http"}), code: 2, want: []string{"--service-port"}},
 		{name: "extra argument", args: append(base(nil), "extra"), code: 2, want: []string{`"extra"`}},
+		{
+			name: "zero connection limit", code: 2, want: []string{"--max-downstream-connections 0", "at least 1"},
+			args: base(map[string]string{"--max-downstream-connections": "0", "--output": output}),
+		},
+		{
+			name: "non-numeric connection limit", code: 2, want: []string{"--max-downstream-connections"},
+			args: base(map[string]string{"--max-downstream-connections": "lots", "--output": output}),
+		},
+		{
+			// A relative --access-log is made absolute; past it the command
+			// fails only at the server.
+			name: "relative access log accepted", code: 1, want: []string{closed}, secret: secret,
+			args: base(map[string]string{"--access-log": "access.log", "--output": output}),
+		},
 
 		{
 			name: "token with a short secret", code: 1, want: []string{"--token", "secret"}, secret: "s3cr3t77",
@@ -334,6 +348,17 @@ func TestBootstrapEnvoyOutputIsPrivate(t *testing.T) {
 		checkMode(t, p, 0o600)
 		out, _ := os.ReadFile(p)
 		checkAdminSocket(t, out, filepath.Join(dir, "web.admin.sock"))
+	})
+	t.Run("access log made absolute, connection limit", func(t *testing.T) {
+		r := runCLI(t, args("--token-file", tokFile, "--admin", "none", "--access-log", "logs/web.log", "--max-downstream-connections", "77")...)
+		if r.code != 0 {
+			t.Fatalf("exit %d: %s", r.code, r.stderr)
+		}
+		for _, want := range []string{"path: " + filepath.Join(cwd, "logs", "web.log") + "\n", `max_active_downstream_connections: "77"`} {
+			if !strings.Contains(r.stdout, want) {
+				t.Errorf("bootstrap lacks %q", want)
+			}
+		}
 	})
 	t.Run("stdout not a file, admin none", func(t *testing.T) {
 		r := runCLI(t, args("--token-file", tokFile, "--admin", "none")...)

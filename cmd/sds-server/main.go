@@ -84,13 +84,8 @@ func newRootCommand(stdout, stderr io.Writer) *cobra.Command {
 		newBootstrapCommand(),
 		newACLCommand(),
 		newStatusCommand(),
-		&cobra.Command{
-			Use:   "version",
-			Short: "Print the version",
-			Args:  cobra.NoArgs,
-			Run:   func(cmd *cobra.Command, _ []string) { fmt.Fprintln(cmd.OutOrStdout(), "sds-server", version) },
-		},
 	)
+	addVersion(root)
 	// Argument-count mistakes are usage errors too.
 	for _, c := range allCommands(root) {
 		// Cobra skips the Args check of a command that cannot run and
