@@ -64,7 +64,6 @@ func writeLegacyCA(t *testing.T, dataDir string, rootNotAfter, interNotAfter tim
 	write(local.IntermediateKeyFile, "PRIVATE KEY", ik, 0o600)
 }
 
-
 func TestServeRenewsExpiredIntermediate(t *testing.T) {
 	clearSDSEnv(t)
 	dataDir := shortTempDir(t)

@@ -6,6 +6,8 @@ import (
 	"path/filepath"
 	"slices"
 	"time"
+
+	"github.com/meshid/sds-server/issuer"
 )
 
 // Kinds of Event.
@@ -44,11 +46,20 @@ type publication struct {
 // revocation list was first signed, before it signs certificates.
 const maxPublishDelay = time.Hour
 
+// lifetime is an intermediate's lifetime from its issue: its validity
+// without the backdating of NotBefore (what intermediate_ttl set).
+func lifetime(in *intermediate) time.Duration {
+	v := in.cert.NotAfter.Sub(in.cert.NotBefore)
+	if v-issuer.Backdate >= minShortIntermediateTTL {
+		v -= issuer.Backdate
+	}
+	return v
+}
+
 // renewAt is when in's successor is made: when IntermediateRenewBefore of
 // its lifetime is left.
 func (ca *CA) renewAt(in *intermediate) time.Time {
-	life := in.cert.NotAfter.Sub(in.cert.NotBefore)
-	return in.cert.NotAfter.Add(-time.Duration(float64(life) * ca.renewBefore))
+	return in.cert.NotAfter.Add(-time.Duration(float64(lifetime(in)) * ca.renewBefore))
 }
 
 // publishDelay is how long a staged intermediate waits after its first
@@ -59,14 +70,12 @@ func (ca *CA) renewAt(in *intermediate) time.Time {
 // list), and the SDS server pushes the list to every stream as soon as it
 // is signed.
 func (ca *CA) publishDelay(active *intermediate) time.Duration {
-	life := active.cert.NotAfter.Sub(active.cert.NotBefore)
-	return min(time.Duration(float64(life)*ca.renewBefore/10), maxPublishDelay)
+	return min(time.Duration(float64(lifetime(active))*ca.renewBefore/10), maxPublishDelay)
 }
 
 // retryDelay is how soon a failed renewal is tried again.
 func retryDelay(active *intermediate) time.Duration {
-	life := active.cert.NotAfter.Sub(active.cert.NotBefore)
-	return min(time.Minute, max(time.Second, life/50))
+	return min(time.Minute, max(time.Second, lifetime(active)/50))
 }
 
 // activationDue returns when the staged intermediate of st may start
@@ -167,6 +176,8 @@ func (ca *CA) step(ctx context.Context) time.Time {
 			ca.failed(st, err, retry)
 			return minTime(next, retry)
 		}
+		// Look again within the publish delay, should no kick come.
+		next = minTime(next, now.Add(ca.publishDelay(st.active)))
 	}
 	return next
 }

@@ -166,7 +166,7 @@ func TestRenewalLifecycle(t *testing.T) {
 	gen1 := ca.Intermediate()
 	root := ca.Root()
 	oldLeaf := issueLeaf(t, ca)
-	renewAt := gen1.NotAfter.Add(-gen1.NotAfter.Sub(gen1.NotBefore) / 3)
+	renewAt := gen1.NotAfter.Add(-10 * 24 * time.Hour) // a third of 30 days left
 	pd := ca.publishDelay(ca.state.Load().active)
 	if pd != time.Hour {
 		t.Fatalf("publish delay %s, want 1h (capped)", pd)
@@ -220,6 +220,32 @@ func TestRenewalLifecycle(t *testing.T) {
 	verifyChain(t, oldLeaf, root, oldLeaf.Leaf.NotAfter.Add(-time.Second))
 	if got := crlIssuers(t, ca, crlBlocks(t, ca, clk.Now())); len(got) != 2 {
 		t.Errorf("lists signed by %v, want the active and the retired intermediate", got)
+	}
+	// A revoked certificate of the retired intermediate is on the list
+	// that intermediate signed, the one a sidecar checks it against.
+	crl, err := ca.SignCRL(ctx, big.NewInt(7), []issuer.RevokedCertificate{{SerialNumber: oldLeaf.Leaf.SerialNumber, RevokedAt: clk.Now()}},
+		clk.Now(), clk.Now().Add(time.Hour))
+	if err != nil {
+		t.Fatal(err)
+	}
+	onOldList := false
+	for rest := crl.PEM; ; {
+		var b *pem.Block
+		if b, rest = pem.Decode(rest); b == nil {
+			break
+		}
+		l, err := x509.ParseRevocationList(b.Bytes)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if l.CheckSignatureFrom(gen1) == nil && l.Issuer.String() == gen1.Subject.String() {
+			for _, e := range l.RevokedCertificateEntries {
+				onOldList = onOldList || e.SerialNumber.Cmp(oldLeaf.Leaf.SerialNumber) == 0
+			}
+		}
+	}
+	if !onOldList {
+		t.Error("a revoked certificate of the retired intermediate is not on that intermediate's list")
 	}
 	if ca.IntermediateNotAfter().Sub(clk.Now()) < 29*24*time.Hour {
 		t.Errorf("new intermediate expires at %s", ca.IntermediateNotAfter())
