@@ -12,6 +12,7 @@ import (
 	"github.com/spf13/viper"
 
 	"github.com/meshid/sds-server/issuer"
+	"github.com/meshid/sds-server/issuer/local"
 	"github.com/meshid/sds-server/sds"
 )
 
@@ -48,6 +49,11 @@ type caConfig struct {
 	Provisioner     string `mapstructure:"provisioner"`
 	KeyFile         string `mapstructure:"key_file"`
 	PasswordFile    string `mapstructure:"password_file"`
+	// IntermediateTTL and IntermediateRenewBefore drive the built-in CA's
+	// intermediate renewal (lifetime of each new one; fraction of its life
+	// left when its successor is made).
+	IntermediateTTL         time.Duration `mapstructure:"intermediate_ttl"`
+	IntermediateRenewBefore float64       `mapstructure:"intermediate_renew_before"`
 }
 
 // CA backends.
@@ -73,13 +79,15 @@ var defaults = map[string]any{
 	"server_names":    []string{"localhost", "127.0.0.1", "::1"},
 	"log_level":       "info",
 	// Nested keys need defaults too, or SDS_CA_* would go unseen.
-	"ca.backend":          backendLocal,
-	"ca.url":              "",
-	"ca.root_fingerprint": "",
-	"ca.root_file":        "",
-	"ca.provisioner":      "",
-	"ca.key_file":         "",
-	"ca.password_file":    "",
+	"ca.backend":                   backendLocal,
+	"ca.url":                       "",
+	"ca.root_fingerprint":          "",
+	"ca.root_file":                 "",
+	"ca.provisioner":               "",
+	"ca.key_file":                  "",
+	"ca.password_file":             "",
+	"ca.intermediate_ttl":          local.DefaultIntermediateTTL,
+	"ca.intermediate_renew_before": local.DefaultIntermediateRenewBefore,
 }
 
 // flagKeys maps flag names to config keys, for binding.
@@ -179,13 +187,13 @@ func (c *config) validate() error {
 	if err := c.Limits.validate(); err != nil {
 		return err
 	}
-	return c.CA.validate()
+	return c.CA.validate(c.AllowShortTTL)
 }
 
-func (c *caConfig) validate() error {
+func (c *caConfig) validate(allowShortTTL bool) error {
 	switch c.Backend {
 	case backendLocal:
-		return nil
+		return local.ValidateLifecycle(c.IntermediateTTL, c.IntermediateRenewBefore, allowShortTTL)
 	case backendStepCA:
 	default:
 		return fmt.Errorf("ca.backend %q: use %s (the built-in CA) or %s", c.Backend, backendLocal, backendStepCA)

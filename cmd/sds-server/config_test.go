@@ -309,6 +309,17 @@ func TestConfigValidate(t *testing.T) {
 		{name: "empty trust domain", mod: func(c *config) { c.TrustDomain = "" }, wantErr: []string{"trust_domain"}},
 		{name: "empty data dir", mod: func(c *config) { c.DataDir = "" }, wantErr: []string{"data_dir"}},
 		{name: "empty listen addr", mod: func(c *config) { c.ListenAddr = "" }, wantErr: []string{"listen_addr"}},
+		{name: "default intermediate lifecycle", mod: func(c *config) {
+			if c.CA.IntermediateTTL != 8760*time.Hour || c.CA.IntermediateRenewBefore != 1.0/3 {
+				t.Errorf("defaults: ca.intermediate_ttl %s, ca.intermediate_renew_before %g; want 8760h, 1/3", c.CA.IntermediateTTL, c.CA.IntermediateRenewBefore)
+			}
+		}},
+		{name: "short intermediate ttl refused", mod: func(c *config) { c.CA.IntermediateTTL = 90 * time.Second }, wantErr: []string{"ca.intermediate_ttl", "allow_short_ttl"}},
+		{name: "short intermediate ttl allowed", mod: func(c *config) { c.CA.IntermediateTTL, c.AllowShortTTL = 90*time.Second, true }},
+		{name: "intermediate renew before out of range", mod: func(c *config) { c.CA.IntermediateRenewBefore = 1.5 }, wantErr: []string{"ca.intermediate_renew_before"}},
+		{name: "intermediate keys unused by step-ca", mod: func(c *config) {
+			c.CA = caConfig{Backend: backendStepCA, URL: "https://127.0.0.1:9000", Provisioner: "p", KeyFile: "k", RootFile: "r"}
+		}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -27,13 +27,19 @@ type privatePath struct {
 func privatePaths(dataDir string) []privatePath {
 	ca := filepath.Join(dataDir, "ca")
 	const keyNote = "other users could read this CA private key; if any did, replace the CA"
-	return []privatePath{
+	paths := []privatePath{
 		{what: "data dir", path: dataDir, max: 0o700},
 		{what: "state file", path: filepath.Join(dataDir, "state.db"), max: 0o600},
 		{what: "CA dir", path: ca, max: 0o700},
 		{what: "CA key", path: filepath.Join(ca, local.RootKeyFile), max: 0o600, note: keyNote},
 		{what: "CA key", path: filepath.Join(ca, local.IntermediateKeyFile), max: 0o600, note: keyNote},
 	}
+	// Later intermediate generations (intermediate renewal).
+	gens, _ := filepath.Glob(filepath.Join(ca, "intermediate-*.key"))
+	for _, g := range gens {
+		paths = append(paths, privatePath{what: "CA key", path: g, max: 0o600, note: keyNote})
+	}
+	return paths
 }
 
 // securePermissions checks the modes of the data dir's private paths

@@ -116,7 +116,8 @@ func serve(ctx context.Context, cfg *config, stdout, stderr io.Writer) error {
 		return err
 	}
 	defer kv.Close()
-	ca, caDesc, err := openIssuer(ctx, cfg, log)
+	lifecycle := newCALifecycle(log)
+	ca, caDesc, err := openIssuer(ctx, cfg, log, lifecycle.observe)
 	if err != nil {
 		return err
 	}
@@ -163,6 +164,11 @@ func serve(ctx context.Context, cfg *config, stdout, stderr io.Writer) error {
 	if err != nil {
 		return err
 	}
+	localCA, isLocal := ca.(*local.CA)
+	if isLocal {
+		reg.MustRegister(lifecycle.renewals)
+		lifecycle.srv, lifecycle.servingCert = srv, servingCert
+	}
 
 	sdsLis, err := net.Listen("tcp", cfg.ListenAddr)
 	if err != nil {
@@ -184,6 +190,9 @@ func serve(ctx context.Context, cfg *config, stdout, stderr io.Writer) error {
 
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
+	if isLocal {
+		go localCA.Run(ctx) // the intermediate renews itself (califecycle.go)
+	}
 	errc := make(chan error, 3)
 	go func() { errc <- srv.Serve(ctx, sdsLis, servingCert.TLSConfig()) }()
 	go func() { errc <- serveHTTP(ctx, adminLis, srv.AdminHandler()) }()
@@ -231,8 +240,9 @@ type certAuthority interface {
 }
 
 // openIssuer opens the configured CA backend and describes it in a line;
-// waits for step-ca are logged to log.
-func openIssuer(ctx context.Context, cfg *config, log *slog.Logger) (certAuthority, string, error) {
+// waits for step-ca are logged to log, and the built-in CA logs its
+// lifecycle there and reports it to observe.
+func openIssuer(ctx context.Context, cfg *config, log *slog.Logger, observe func(local.Event)) (certAuthority, string, error) {
 	if cfg.CA.Backend == backendStepCA {
 		c := cfg.CA
 		log.Info("connecting to step-ca", "url", c.URL, "provisioner", c.Provisioner)
@@ -248,7 +258,9 @@ func openIssuer(ctx context.Context, cfg *config, log *slog.Logger) (certAuthori
 		return ca, fmt.Sprintf("CA: step-ca at %s, provisioner %s, root sha256 %x", c.URL, c.Provisioner, sha256.Sum256(ca.Root().Raw)), nil
 	}
 	dir := filepath.Join(cfg.DataDir, "ca")
-	ca, err := local.Open(ctx, dir, local.Options{TrustDomain: cfg.TrustDomain, AllowShortTTL: cfg.AllowShortTTL})
+	ca, err := local.Open(ctx, dir, local.Options{TrustDomain: cfg.TrustDomain, AllowShortTTL: cfg.AllowShortTTL,
+		IntermediateTTL: cfg.CA.IntermediateTTL, IntermediateRenewBefore: cfg.CA.IntermediateRenewBefore,
+		Logger: log, Observe: observe})
 	if err != nil {
 		return nil, "", err
 	}
