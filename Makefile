@@ -101,7 +101,7 @@ $(PROMTOOL_BUILD):
 	@# `go install module@version` refuses.
 	set -e; dir=$$($(GO) mod download -json github.com/prometheus/prometheus@$(PROMTOOL_VERSION) | \
 		sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$$/\1/p'); test -n "$$dir"; \
-	cd "$$dir" && CGO_ENABLED=0 GOFLAGS=-mod=readonly $(GO) build -trimpath \
+	cd "$$dir" && GOWORK=off CGO_ENABLED=0 GOFLAGS=-mod=readonly $(GO) build -trimpath \
 		-ldflags '-s -w -X github.com/prometheus/common/version.Version=$(PROMTOOL_VERSION)' -o $@ ./cmd/promtool
 
 $(TOOLS)/bin/promtool: $(PROMTOOL_BUILD)

@@ -591,3 +591,7 @@ func retry(ctx context.Context, attempts int, backoff time.Duration, f func() er
 		backoff = min(2*backoff, maxConnectBackoff)
 	}
 }
+
+// Intermediate returns the intermediate that signed the last workload
+// certificate, nil before the first: what the expiry metric reports.
+func (iss *Issuer) Intermediate() *x509.Certificate { return iss.inter.Load() }
