@@ -27,6 +27,7 @@ type Intermediater interface {
 type stateCollector struct {
 	s                                 *Server
 	caExpiry, crlNext, workload, read *prometheus.Desc
+	ttl                               *prometheus.Desc
 }
 
 func newStateCollector(s *Server) *stateCollector {
@@ -41,6 +42,9 @@ func newStateCollector(s *Server) *stateCollector {
 		workload: prometheus.NewDesc("sds_workload_certificate_soonest_expiry_timestamp_seconds",
 			"Soonest NotAfter among the current certificates of connected nodes, in seconds since the epoch; absent when no node is connected.",
 			nil, nil),
+		ttl: prometheus.NewDesc("sds_certificate_ttl_seconds",
+			"The lifetime requested for workload certificates (cert_ttl), for thresholds relative to it.",
+			nil, nil),
 		read: prometheus.NewDesc("sds_ready",
 			"1 when the server is ready (what /readyz answers), else 0.",
 			nil, nil),
@@ -53,6 +57,7 @@ func (c *stateCollector) Describe(ch chan<- *prometheus.Desc) {
 	ch <- c.crlNext
 	ch <- c.workload
 	ch <- c.read
+	ch <- c.ttl
 }
 
 // Collect implements prometheus.Collector.
@@ -95,6 +100,7 @@ func (c *stateCollector) Collect(ch chan<- prometheus.Metric) {
 		ready = 1
 	}
 	ch <- prometheus.MustNewConstMetric(c.read, prometheus.GaugeValue, ready)
+	ch <- prometheus.MustNewConstMetric(c.ttl, prometheus.GaugeValue, s.cfg.CertTTL.Seconds())
 }
 
 func epoch(t time.Time) float64 { return float64(t.UnixNano()) / 1e9 }

@@ -71,6 +71,9 @@ func TestStateMetrics(t *testing.T) {
 	if got := env.series(t, "sds_workload_certificate_soonest_expiry_timestamp_seconds"); len(got) != 0 {
 		t.Errorf("soonest workload expiry with no node connected: %v, want no series", got)
 	}
+	if got := env.series(t, "sds_certificate_ttl_seconds"); got[""] != 3600 {
+		t.Errorf("sds_certificate_ttl_seconds %v, want 3600 (cert_ttl 1h)", got)
+	}
 	if got := env.series(t, "sds_ready"); got[""] != 1 {
 		t.Errorf("sds_ready %v, want 1", got)
 	}
