@@ -17,12 +17,17 @@ STEPCA_ADDR    ?= 127.0.0.1:9000
 # The step CLI (README "Using an existing step-ca"), from its Go module too.
 STEP_VERSION   := v0.30.2
 STEP_BUILD     := $(TOOLS)/step-$(STEP_VERSION)/step
+# promtool (checks the alert rules and the /metrics exposition), built from
+# Prometheus' Go module (v3.x.y is module version v0.30x.y).
+PROMTOOL_VERSION := v0.315.1
+PROMTOOL_BUILD   := $(TOOLS)/promtool-$(PROMTOOL_VERSION)/promtool
 
 export SDS_ENVOY_BIN := $(TOOLS)/bin/envoy
 export SDS_SERVER_BIN := $(BIN)/sds-server
 export SDS_STEPCA_BIN := $(TOOLS)/bin/step-ca
+export SDS_PROMTOOL_BIN := $(TOOLS)/bin/promtool
 
-.PHONY: all help build run tools stepca step test unit e2e bench vet fmt clean
+.PHONY: all help build run tools stepca step promtool rules test unit e2e bench vet fmt clean
 
 all: build
 
@@ -118,6 +123,29 @@ $(TOOLS)/bin/step: $(STEP_BUILD)
 	ln -sf $(STEP_BUILD) $@
 	@$@ version
 
+promtool: $(TOOLS)/bin/promtool ## build promtool $(PROMTOOL_VERSION) into .tools/bin
+
+$(PROMTOOL_BUILD):
+	@mkdir -p $(@D)
+	@echo "promtool: building promtool $(PROMTOOL_VERSION) (CGO_ENABLED=0) into $(@D)"
+	@# Built inside its own module: its go.mod has replace directives, which
+	@# `go install module@version` refuses. remove_all_sd leaves out the
+	@# service discovery plugins (cloud SDKs) that rule and metric checks
+	@# do not use: a fraction of the build.
+	set -e; dir=$$($(GO) mod download -json github.com/prometheus/prometheus@$(PROMTOOL_VERSION) | \
+		sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$$/\1/p'); test -n "$$dir"; \
+	cd "$$dir" && GOWORK=off CGO_ENABLED=0 GOFLAGS=-mod=readonly $(GO) build -trimpath -tags remove_all_sd \
+		-ldflags '-s -w -X github.com/prometheus/common/version.Version=$(PROMTOOL_VERSION)' -o $@ ./cmd/promtool
+
+$(TOOLS)/bin/promtool: $(PROMTOOL_BUILD)
+	@mkdir -p $(@D)
+	ln -sf $(PROMTOOL_BUILD) $@
+	@$@ --version | head -1
+
+rules: promtool ## check the Prometheus alert rules and run their tests (deploy/prometheus)
+	$(TOOLS)/bin/promtool check rules deploy/prometheus/sds-server.rules.yml
+	$(TOOLS)/bin/promtool test rules deploy/prometheus/sds-server.rules.test.yml
+
 vet: ## go vet
 	$(GO) vet ./...
 
@@ -127,7 +155,7 @@ fmt: ## gofmt every file in place
 unit: ## unit tests (no external processes)
 	$(GO) test -count=1 ./...
 
-test: tools stepca build vet ## unit + e2e tests; installs what they need
+test: tools stepca promtool build vet rules ## unit + e2e tests; installs what they need
 	SDS_REQUIRE_E2E=1 $(GO) test -count=1 -timeout 20m ./...
 
 e2e: tools stepca build ## e2e tests only (real Envoy, real step-ca)

@@ -76,6 +76,7 @@ func (c callbacks) open(ctx context.Context, id int64, typeURL, protocol string)
 	s.streams[id] = st
 	s.mu.Unlock()
 	s.cfg.Metrics.streams.WithLabelValues(st.kind, protocol).Inc()
+	s.debugStreamOpened(id, st)
 	return nil
 }
 
@@ -152,6 +153,7 @@ func (c callbacks) request(id int64, claimed *core.Node, typeURL string, names [
 		}
 		shared := ln.conns.add(ln.rec.ID, st.peer)
 		s.mu.Unlock()
+		s.debugStreamBound(id, st, claimed.GetId())
 		s.reportShared(shared, id)
 		if revoked { // revoked while this stream was being admitted
 			return nil, c.refuse(st, id, &refusal{code: codes.PermissionDenied, reason: "node_revoked", msg: fmt.Sprintf("node %s has been revoked", ln.rec.ID)})
@@ -211,6 +213,7 @@ func (c callbacks) closed(id int64) {
 	if st != nil {
 		s.cfg.Metrics.streams.WithLabelValues(st.kind, st.protocol).Dec()
 	}
+	s.debugStreamClosed(id, st)
 }
 
 func nackDetail(d interface{ GetMessage() string }, present bool) *string {
@@ -231,6 +234,7 @@ func (c callbacks) OnStreamClosed(id int64, _ *core.Node) { c.closed(id) }
 
 // OnStreamRequest implements the server callbacks.
 func (c callbacks) OnStreamRequest(id int64, req *discovery.DiscoveryRequest) error {
+	c.s.debugRequest(id, req.GetTypeUrl(), len(req.GetResourceNames()), req.GetVersionInfo(), req.GetResponseNonce(), req.GetErrorDetail() != nil)
 	if err := c.checkRequest(id, req.GetTypeUrl(), req.GetResourceNames(), nil, false); err != nil {
 		return err
 	}
@@ -245,6 +249,7 @@ func (c callbacks) OnStreamRequest(id int64, req *discovery.DiscoveryRequest) er
 // OnStreamResponse implements the server callbacks: it remembers which
 // certificate a response carries, to learn from the ACK what Envoy loaded.
 func (c callbacks) OnStreamResponse(_ context.Context, id int64, _ *discovery.DiscoveryRequest, resp *discovery.DiscoveryResponse) {
+	c.s.debugResponse(id, resp.GetTypeUrl(), resp.GetVersionInfo(), resp.GetNonce(), len(resp.GetResources()))
 	c.sent(id, resp.GetNonce(), resp.GetResources())
 }
 
@@ -294,6 +299,7 @@ func (c callbacks) OnDeltaStreamClosed(id int64, _ *core.Node) { c.closed(deltaS
 
 // OnStreamDeltaRequest implements the server callbacks.
 func (c callbacks) OnStreamDeltaRequest(id int64, req *discovery.DeltaDiscoveryRequest) error {
+	c.s.debugRequest(deltaStreamID(id), req.GetTypeUrl(), len(req.GetResourceNamesSubscribe()), "", req.GetResponseNonce(), req.GetErrorDetail() != nil)
 	if err := c.checkRequest(deltaStreamID(id), req.GetTypeUrl(), req.GetResourceNamesSubscribe(), req.GetResourceNamesUnsubscribe(), true); err != nil {
 		return err
 	}
@@ -307,6 +313,7 @@ func (c callbacks) OnStreamDeltaRequest(id int64, req *discovery.DeltaDiscoveryR
 
 // OnStreamDeltaResponse implements the server callbacks.
 func (c callbacks) OnStreamDeltaResponse(id int64, _ *discovery.DeltaDiscoveryRequest, resp *discovery.DeltaDiscoveryResponse) {
+	c.s.debugDeltaResponse(deltaStreamID(id), resp)
 	anys := make([]*anypb.Any, 0, len(resp.GetResources()))
 	for _, r := range resp.GetResources() {
 		anys = append(anys, r.GetResource())

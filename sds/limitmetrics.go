@@ -92,7 +92,8 @@ var authReasons = []string{
 	bootstrap.ReasonRevoked, bootstrap.ReasonExpired, bootstrap.ReasonExhausted, "node_revoked", reasonNodeExpired, "bad_node",
 }
 
-// preinit creates the labelled failure series of m at 0.
+// preinit creates the labelled failure series of m at 0, and the stream
+// gauges of every service and protocol.
 func (m *Metrics) preinit() {
 	for _, r := range authReasons {
 		m.authFailures.WithLabelValues(r)
@@ -103,4 +104,10 @@ func (m *Metrics) preinit() {
 	m.unknownResources.WithLabelValues(xdsres.SecretType)
 	m.unknownResources.WithLabelValues("other")
 	m.certsIssued.WithLabelValues("failure")
+	m.certsIssued.WithLabelValues("success")
+	for _, kind := range []string{"ads", "sds", "ecds"} {
+		for _, protocol := range []string{"sotw", "delta"} {
+			m.streams.WithLabelValues(kind, protocol)
+		}
+	}
 }

@@ -16,6 +16,8 @@ const (
 	eventAdmission = "stream admission failed"
 	eventNotServed = "secret not served to this identity"
 	eventNACK      = "envoy rejected a response"
+	// eventTLS is a failed TLS handshake on the xDS listener (debug only).
+	eventTLS = "tls handshake failed"
 	// eventShared is repeated by whoever holds a node's token and node.id
 	// and reconnects in a loop; a metric counts every one.
 	eventShared = "node's key is now served to two connections: another process may hold its token and node.id (after a sidecar restart this can be the old connection, not closed yet)"
@@ -28,6 +30,7 @@ var eventLabels = map[string]string{
 	eventNotServed: "secret_not_served",
 	eventNACK:      "nack",
 	eventShared:    "shared_identity",
+	eventTLS:       "tls_handshake",
 }
 
 // eventLabel is the metric label of event, "other" for an unknown one.

@@ -99,6 +99,7 @@ func (m *Metrics) registerServer(s *Server) error {
 			Name: "sds_renewals_scheduled",
 			Help: "Certificate renewals waiting in the scheduler.",
 		}, func() float64 { return float64(s.sched.len()) }),
+		newStateCollector(s),
 	} {
 		if err := m.reg.Register(c); err != nil {
 			return fmt.Errorf("register metrics: %w", err)

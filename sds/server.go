@@ -358,7 +358,7 @@ func (s *Server) Register(g *grpc.Server) {
 // (streams are cut after a grace period: Envoy reconnects elsewhere).
 func (s *Server) Serve(ctx context.Context, lis net.Listener, tlsConf *tls.Config) error {
 	g := grpc.NewServer(append([]grpc.ServerOption{
-		grpc.Creds(credentials.NewTLS(tlsConf)),
+		grpc.Creds(handshakeLogger{credentials.NewTLS(tlsConf), s}),
 		// MaxConnectionIdle closes connections with no stream (limits.go).
 		grpc.KeepaliveParams(keepalive.ServerParameters{Time: 30 * time.Second, Timeout: 10 * time.Second, MaxConnectionIdle: s.cfg.Limits.IdleTimeout}),
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second, PermitWithoutStream: true}),

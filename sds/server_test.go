@@ -137,6 +137,14 @@ type envOptions struct {
 	renewWorkers int           // zero: the server's default
 	renewWindow  RenewWindow   // zero: the server's default
 	limits       Limits        // zero fields: DefaultLimits
+	logInfo      bool          // log at info; false: at debug
+}
+
+func logLevel(info bool) slog.Level {
+	if info {
+		return slog.LevelInfo
+	}
+	return slog.LevelDebug
 }
 
 // newTestEnv is newTestEnvWith with the default options.
@@ -193,7 +201,7 @@ func newTestEnvWith(t *testing.T, o envOptions) *testEnv {
 		Tokens:       env.reg,
 		Store:        env.kv,
 		Metrics:      env.metrics,
-		Logger:       slog.New(slog.NewTextHandler(env.logs, &slog.HandlerOptions{Level: slog.LevelDebug})),
+		Logger:       slog.New(slog.NewTextHandler(env.logs, &slog.HandlerOptions{Level: logLevel(o.logInfo)})),
 		Now:          env.clock.Now,
 		Limits:       o.limits,
 	})

@@ -142,6 +142,9 @@ func loadConfig(cmd *cobra.Command) (*config, error) {
 	if bindErr != nil {
 		return nil, bindErr
 	}
+	if err := checkEmptyEnv(v, cmd.Flags(), cmd.InheritedFlags()); err != nil {
+		return nil, err
+	}
 	if path, _ := cmd.Flags().GetString("config"); path != "" {
 		v.SetConfigFile(path)
 		if err := v.ReadInConfig(); err != nil {

@@ -136,7 +136,7 @@ func serve(ctx context.Context, cfg *config, stdout, stderr io.Writer) error {
 		}
 	}
 	reg := prometheus.NewRegistry()
-	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}), sds.BuildInfo(version))
 	limits := cfg.Limits.sds()
 	limits.MaxConnections = fitConnections(limits.MaxConnections, log)
 	srv, err := sds.New(ctx, sds.Config{

@@ -600,3 +600,7 @@ func retry(ctx context.Context, log *slog.Logger, attempts int, backoff time.Dur
 		backoff = min(2*backoff, maxConnectBackoff)
 	}
 }
+
+// Intermediate returns the intermediate that signed the last workload
+// certificate, nil before the first: what the expiry metric reports.
+func (iss *Issuer) Intermediate() *x509.Certificate { return iss.inter.Load() }
