@@ -52,7 +52,11 @@ func TestBootstrapEnvoyTrustDomain(t *testing.T) {
 	}
 	for i, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			t.Setenv("SDS_TRUST_DOMAIN", tt.env)
+			if tt.env != "" {
+				t.Setenv("SDS_TRUST_DOMAIN", tt.env)
+			} else {
+				clearSDSEnv(t) // unset: an empty SDS_* value is a value
+			}
 			out := filepath.Join(dir, strings.Repeat("o", i+1)+".yaml")
 			args := append([]string{"bootstrap", "envoy", "--server", addr, "--token-file", tokFile,
 				"--service-port", "8080", "--listen", "127.0.0.1:15001", "--timeout", "5s", "-o", out}, tt.extra...)
