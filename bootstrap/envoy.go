@@ -235,11 +235,30 @@ type EnvoyOptions struct {
 	ServicePort int
 	// Upstreams are the services the app calls through the sidecar.
 	Upstreams []Upstream
-	// AdminAddr is the Envoy admin IP:PORT; empty means no admin interface.
+	// AdminSocket is the absolute path of a Unix socket for Envoy's admin
+	// interface, which Envoy creates with mode 0600 (its owner only):
+	// the admin interface shows the token (/config_dump) and the node id,
+	// which together are this node's identity. Envoy replaces whatever is
+	// at that path. At most one of AdminSocket and AdminAddr may be set;
+	// with neither, Envoy has no admin interface.
+	AdminSocket string
+	// AdminAddr is an IP:PORT (or localhost:PORT) for Envoy's admin
+	// interface over TCP. It must be a loopback address unless
+	// AllowInsecureAdmin is set (see ErrAdminNotLoopback).
 	AdminAddr string
+	// AllowInsecureAdmin accepts a non-loopback AdminAddr: anyone who
+	// reaches it can take the node's identity.
+	AllowInsecureAdmin bool
 	// MaxConnectionDuration bounds pooled upstream connections;
 	// DefaultMaxConnectionDuration if 0.
 	MaxConnectionDuration time.Duration
+	// MaxDownstreamConnections limits the sidecar's active downstream
+	// connections (overload manager); DefaultMaxDownstreamConnections if 0.
+	MaxDownstreamConnections int64
+	// AccessLog, if set, is the absolute path of a file access log written
+	// by every listener: one line per request with its response code,
+	// flags, RBAC details, the peer's URI SAN and the path.
+	AccessLog string
 }
 
 // listenAddr is an address something listens on, for conflict checks.
@@ -356,11 +375,29 @@ func (o EnvoyOptions) plan() (*envoyPlan, error) {
 	case o.MaxConnectionDuration < time.Millisecond:
 		return nil, fmt.Errorf("max connection duration %s is shorter than 1ms", o.MaxConnectionDuration)
 	}
+	switch {
+	case o.MaxDownstreamConnections < 0:
+		return nil, fmt.Errorf("max downstream connections %d is negative", o.MaxDownstreamConnections)
+	case o.MaxDownstreamConnections == 0:
+		p.MaxDownstreamConnections = DefaultMaxDownstreamConnections
+	}
+	if o.AccessLog != "" {
+		if err := checkAccessLogPath(o.AccessLog); err != nil {
+			return nil, err
+		}
+	}
 
 	loopback := net.IPv4(127, 0, 0, 1)
 	listeners := []listenAddr{{"inbound listener " + o.ListenAddr, net.ParseIP(p.inHost), p.inPort}}
-	if o.AdminAddr != "" {
-		if p.adminHost, p.adminPort, err = splitAddr("admin address", o.AdminAddr, true); err != nil {
+	switch {
+	case o.AdminAddr != "" && o.AdminSocket != "":
+		return nil, errors.New("both an admin address and an admin socket are given; choose one")
+	case o.AdminSocket != "":
+		if err := CheckAdminSocket(o.AdminSocket); err != nil {
+			return nil, err
+		}
+	case o.AdminAddr != "":
+		if p.adminHost, p.adminPort, err = CheckAdminAddr(o.AdminAddr, o.AllowInsecureAdmin); err != nil {
 			return nil, err
 		}
 		listeners = append(listeners, listenAddr{"admin " + o.AdminAddr, net.ParseIP(p.adminHost), p.adminPort})
@@ -455,7 +492,9 @@ func RenderEnvoy(o EnvoyOptions) ([]byte, error) {
 		return nil, fmt.Errorf("envoy bootstrap: convert to YAML: %w", err)
 	}
 	header := "# Envoy bootstrap written by `sds-server bootstrap envoy`.\n" +
-		"# It holds a bootstrap token (" + Redact(p.token.String()) + "): keep this file private.\n"
+		"# It holds a bootstrap token (" + Redact(p.token.String()) + "): keep this file private.\n" +
+		"# With the node id, the token is this node's identity, key included; Envoy's\n" +
+		"# admin interface shows both, so only its owner may reach it.\n"
 	return append([]byte(header), y...), nil
 }
 
@@ -615,8 +654,13 @@ func (p *envoyPlan) build() (*bootstrapv3.Bootstrap, error) {
 		listeners = append(listeners, l)
 		clusters = append(clusters, c)
 	}
+	overload, err := p.overloadManager()
+	if err != nil {
+		return nil, err
+	}
 	b := &bootstrapv3.Bootstrap{
-		Node: &corev3.Node{Id: p.NodeID, Cluster: p.Cluster},
+		Node:            &corev3.Node{Id: p.NodeID, Cluster: p.Cluster},
+		OverloadManager: overload,
 		StaticResources: &bootstrapv3.Bootstrap_StaticResources{
 			Listeners: listeners,
 			Clusters:  clusters, // the xDS cluster first, before anything that uses it
@@ -627,7 +671,13 @@ func (p *envoyPlan) build() (*bootstrapv3.Bootstrap, error) {
 			AdsConfig: p.xdsAPISource(),
 		},
 	}
-	if p.AdminAddr != "" {
+	switch {
+	case p.AdminSocket != "":
+		b.Admin = &bootstrapv3.Admin{Address: &corev3.Address{Address: &corev3.Address_Pipe{Pipe: &corev3.Pipe{
+			Path: p.AdminSocket,
+			Mode: AdminSocketMode,
+		}}}}
+	case p.AdminAddr != "":
 		b.Admin = &bootstrapv3.Admin{Address: socketAddr(p.adminHost, p.adminPort)}
 	}
 	return b, nil
@@ -764,8 +814,13 @@ func (p *envoyPlan) inboundListener() (*listenerv3.Listener, error) {
 	if err != nil {
 		return nil, err
 	}
+	logs, err := p.accessLogs(InboundListenerName, true)
+	if err != nil {
+		return nil, err
+	}
 	hcm, err := hcmFilter(&hcmv3.HttpConnectionManager{
 		StatPrefix:                   InboundListenerName,
+		AccessLog:                    logs,
 		CodecType:                    hcmv3.HttpConnectionManager_AUTO,
 		NormalizePath:                wrapperspb.Bool(true),
 		MergeSlashes:                 true,
@@ -813,8 +868,13 @@ func (p *envoyPlan) outboundListener(u Upstream) (*listenerv3.Listener, error) {
 		return nil, err
 	}
 	name := OutboundListenerName(u.Name)
+	logs, err := p.accessLogs(name, false)
+	if err != nil {
+		return nil, err
+	}
 	hcm, err := hcmFilter(&hcmv3.HttpConnectionManager{
 		StatPrefix:     name,
+		AccessLog:      logs,
 		CodecType:      hcmv3.HttpConnectionManager_AUTO,
 		RouteSpecifier: routeAll(name, OutboundClusterName(u.Name)),
 		HttpFilters:    []*hcmv3.HttpFilter{router},

@@ -471,6 +471,46 @@ func TestRenderEnvoyVariants(t *testing.T) {
 			}
 		}
 	})
+	t.Run("admin on a Unix socket", func(t *testing.T) {
+		f := newEnvoyFixture(t)
+		f.opts.AdminAddr, f.opts.AdminSocket = "", "/run/envoy/web-1.admin.sock"
+		out, err := RenderEnvoy(f.opts)
+		if err != nil {
+			t.Fatal(err)
+		}
+		b, _ := parseBootstrap(t, out)
+		pipe := b.GetAdmin().GetAddress().GetPipe()
+		if pipe.GetPath() != "/run/envoy/web-1.admin.sock" || pipe.GetMode() != 0o600 {
+			t.Errorf("admin pipe = %v, want /run/envoy/web-1.admin.sock mode 0600", pipe)
+		}
+		if b.GetAdmin().GetAddress().GetSocketAddress() != nil {
+			t.Errorf("admin has a TCP address too: %v", b.GetAdmin().GetAddress())
+		}
+	})
+	for _, c := range []struct {
+		name, addr string
+		insecure   bool
+		wantIP     string
+		wantPort   uint32
+	}{
+		{"admin on localhost", "localhost:9901", false, "127.0.0.1", 9901},
+		{"admin on IPv6 loopback", "[::1]:9901", false, "::1", 9901},
+		{"admin on 127.0.0.2", "127.0.0.2:9901", false, "127.0.0.2", 9901},
+		{"insecure admin allowed", "0.0.0.0:9901", true, "0.0.0.0", 9901},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			f := newEnvoyFixture(t)
+			f.opts.AdminAddr, f.opts.AllowInsecureAdmin = c.addr, c.insecure
+			out, err := RenderEnvoy(f.opts)
+			if err != nil {
+				t.Fatal(err)
+			}
+			b, _ := parseBootstrap(t, out)
+			if got := b.GetAdmin().GetAddress().GetSocketAddress(); got.GetAddress() != c.wantIP || got.GetPortValue() != c.wantPort {
+				t.Errorf("admin address = %v, want %s:%d", got, c.wantIP, c.wantPort)
+			}
+		})
+	}
 	t.Run("no upstreams", func(t *testing.T) {
 		f := newEnvoyFixture(t)
 		f.opts.Upstreams = nil
@@ -526,7 +566,19 @@ func TestRenderEnvoyInvalid(t *testing.T) {
 		{"listen port 70000", func(o *EnvoyOptions) { o.ListenAddr = "0.0.0.0:70000" }, "outside 1-65535"},
 		{"service port 0", func(o *EnvoyOptions) { o.ServicePort = 0 }, "service port 0"},
 		{"negative duration", func(o *EnvoyOptions) { o.MaxConnectionDuration = -time.Second }, "negative"},
-		{"admin on a name", func(o *EnvoyOptions) { o.AdminAddr = "localhost:9901" }, "must be an IP address"},
+		{"negative connection limit", func(o *EnvoyOptions) { o.MaxDownstreamConnections = -1 }, "max downstream connections -1 is negative"},
+		{"relative access log", func(o *EnvoyOptions) { o.AccessLog = "access.log" }, `access log path "access.log" is not absolute`},
+		{"access log with a newline", func(o *EnvoyOptions) { o.AccessLog = "/var/log/a\nb.log" }, "NUL or newline"},
+		{"admin on a name", func(o *EnvoyOptions) { o.AdminAddr = "admin.internal:9901" }, "must be an IP address"},
+		{"admin on all addresses", func(o *EnvoyOptions) { o.AdminAddr = "0.0.0.0:9901" }, "0.0.0.0:9901: not a loopback address"},
+		{"admin on all IPv6 addresses", func(o *EnvoyOptions) { o.AdminAddr = "[::]:9901" }, "not a loopback address"},
+		{"admin on a LAN address", func(o *EnvoyOptions) { o.AdminAddr = "10.0.0.1:9901" }, "/config_dump"},
+		{"admin on localhost and inbound", func(o *EnvoyOptions) { o.AdminAddr = "localhost:15000" }, "same address"},
+		{"admin socket and address", func(o *EnvoyOptions) { o.AdminSocket = "/run/envoy/admin.sock" }, "choose one"},
+		{"relative admin socket", func(o *EnvoyOptions) { o.AdminAddr, o.AdminSocket = "", "admin.sock" }, "not absolute"},
+		{"abstract admin socket", func(o *EnvoyOptions) { o.AdminAddr, o.AdminSocket = "", "@envoy-admin" }, "not absolute"},
+		{"long admin socket", func(o *EnvoyOptions) { o.AdminAddr, o.AdminSocket = "", "/"+strings.Repeat("d", 100)+"/admin.sock" }, "longer than the 104"},
+		{"admin socket with a newline", func(o *EnvoyOptions) { o.AdminAddr, o.AdminSocket = "", "/run/a\nb.sock" }, "control characters"},
 		{"admin on inbound", func(o *EnvoyOptions) { o.AdminAddr = "127.0.0.1:15000" }, "same address"},
 		{"upstream on inbound", func(o *EnvoyOptions) { o.Upstreams[0].LocalPort = 15000 }, "same address"},
 		{"two upstreams one port", func(o *EnvoyOptions) { o.Upstreams[1].LocalPort = 9001 }, "same address"},
@@ -601,6 +653,10 @@ func TestEnvoyValidatesBootstrap(t *testing.T) {
 		mod  func(*EnvoyOptions)
 	}{
 		{"two upstreams, DNS server, admin", func(o *EnvoyOptions) { o.Server = "sds.mesh.internal:8443" }},
+		{"admin on a Unix socket", func(o *EnvoyOptions) { o.AdminAddr, o.AdminSocket = "", "/run/envoy/admin.sock" }},
+		{"access log, connection limit", func(o *EnvoyOptions) {
+			o.AccessLog, o.MaxDownstreamConnections = "/dev/null", 100
+		}},
 		// Names YAML 1.1 reads as booleans must stay strings.
 		{"IP server, tricky names, no admin", func(o *EnvoyOptions) {
 			o.NodeID, o.Cluster, o.AdminAddr = "n", "on", ""

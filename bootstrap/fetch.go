@@ -11,6 +11,8 @@ import (
 	"net"
 	"strings"
 	"time"
+
+	"github.com/meshid/sds-server/issuer"
 )
 
 // FetchTimeout bounds FetchRoot's connection and handshake.
@@ -19,19 +21,40 @@ const FetchTimeout = 10 * time.Second
 // serverSPIFFEPath is the path of issuer.ServerSPIFFEID in any trust domain.
 const serverSPIFFEPath = "/sds-server"
 
-// FetchRoot downloads the root CA of the sds-server at serverAddr
+// Server is what FetchServer verified about an sds-server.
+type Server struct {
+	// Root is the root CA the token pins; RootPEM is its PEM encoding.
+	Root    *x509.Certificate
+	RootPEM []byte
+	// TrustDomain is the trust domain of the server's own certificate
+	// (spiffe://<TrustDomain>/sds-server), which chains to Root: the trust
+	// domain the server issues identities in.
+	TrustDomain string
+}
+
+// FetchRoot is FetchServer for callers that only need the root and its PEM.
+func FetchRoot(ctx context.Context, serverAddr string, tok Token) (*x509.Certificate, []byte, error) {
+	s, err := FetchServer(ctx, serverAddr, tok)
+	if err != nil {
+		return nil, nil, err
+	}
+	return s.Root, s.RootPEM, nil
+}
+
+// FetchServer downloads the root CA of the sds-server at serverAddr
 // (HOST:PORT) without trusting the network: it takes the certificate chain
 // the server presents in the TLS handshake (leaf, intermediates, root),
 // keeps the certificate whose digest is the one tok pins, and checks that
 // the server's leaf chains to it and carries the server's SPIFFE ID
-// (spiffe://<trust domain>/sds-server). It returns the root and its PEM.
-func FetchRoot(ctx context.Context, serverAddr string, tok Token) (*x509.Certificate, []byte, error) {
+// (spiffe://<trust domain>/sds-server). It returns the root, its PEM and
+// the trust domain of that verified SPIFFE ID.
+func FetchServer(ctx context.Context, serverAddr string, tok Token) (Server, error) {
 	host, _, err := net.SplitHostPort(serverAddr)
 	if err != nil {
-		return nil, nil, fmt.Errorf("fetch root CA: server address %q: want HOST:PORT: %w", serverAddr, err)
+		return Server{}, fmt.Errorf("fetch root CA: server address %q: want HOST:PORT: %w", serverAddr, err)
 	}
 	if len(tok.Digest) != DigestLen || !isBase36(tok.Digest) {
-		return nil, nil, errors.New("fetch root CA: the token has no valid root digest")
+		return Server{}, errors.New("fetch root CA: the token has no valid root digest")
 	}
 	cfg := &tls.Config{
 		// The channel is not trusted: the root is checked against the
@@ -48,12 +71,12 @@ func FetchRoot(ctx context.Context, serverAddr string, tok Token) (*x509.Certifi
 	d := tls.Dialer{NetDialer: &net.Dialer{Timeout: FetchTimeout}, Config: cfg}
 	conn, err := d.DialContext(ctx, "tcp", serverAddr)
 	if err != nil {
-		return nil, nil, fmt.Errorf("fetch root CA from %s: %w", serverAddr, err)
+		return Server{}, fmt.Errorf("fetch root CA from %s: %w", serverAddr, err)
 	}
 	certs := conn.(*tls.Conn).ConnectionState().PeerCertificates
 	_ = conn.Close()
 	if len(certs) == 0 {
-		return nil, nil, fmt.Errorf("fetch root CA: %s presented no certificate", serverAddr)
+		return Server{}, fmt.Errorf("fetch root CA: %s presented no certificate", serverAddr)
 	}
 
 	var root *x509.Certificate
@@ -66,11 +89,11 @@ func FetchRoot(ctx context.Context, serverAddr string, tok Token) (*x509.Certifi
 		}
 	}
 	if root == nil {
-		return nil, nil, fmt.Errorf("root CA presented by %s does not match the token's digest %s (got sha256 digests %s); refusing it",
+		return Server{}, fmt.Errorf("root CA presented by %s does not match the token's digest %s (got sha256 digests %s); refusing it",
 			serverAddr, tok.Digest, strings.Join(got, ", "))
 	}
 	if !root.IsCA || !root.BasicConstraintsValid {
-		return nil, nil, fmt.Errorf("fetch root CA: the certificate of %s matching the token's digest is not a CA certificate; refusing it", serverAddr)
+		return Server{}, fmt.Errorf("fetch root CA: the certificate of %s matching the token's digest is not a CA certificate; refusing it", serverAddr)
 	}
 
 	leaf := certs[0]
@@ -83,19 +106,34 @@ func FetchRoot(ctx context.Context, serverAddr string, tok Token) (*x509.Certifi
 		}
 	}
 	if _, err := leaf.Verify(x509.VerifyOptions{Roots: roots, Intermediates: inter, KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}}); err != nil {
-		return nil, nil, fmt.Errorf("fetch root CA: the certificate presented by %s does not chain to the pinned root CA: %w", serverAddr, err)
+		return Server{}, fmt.Errorf("fetch root CA: the certificate presented by %s does not chain to the pinned root CA: %w", serverAddr, err)
 	}
-	ok := false
-	var uris []string
+	td, err := serverTrustDomain(leaf)
+	if err != nil {
+		return Server{}, fmt.Errorf("fetch root CA: the certificate presented by %s %w", serverAddr, err)
+	}
+	return Server{Root: root, RootPEM: pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: root.Raw}), TrustDomain: td}, nil
+}
+
+// serverTrustDomain returns the trust domain of leaf's one sds-server
+// SPIFFE ID, spiffe://<trust domain>/sds-server. Its errors complete the
+// sentence "the certificate presented by ADDR ...".
+func serverTrustDomain(leaf *x509.Certificate) (string, error) {
+	var uris, tds []string
 	for _, u := range leaf.URIs {
 		uris = append(uris, u.String())
-		if u.Scheme == "spiffe" && u.Host != "" && u.Path == serverSPIFFEPath && u.RawQuery == "" && u.Fragment == "" {
-			ok = true
+		if u.Scheme == "spiffe" && u.Host != "" && u.Path == serverSPIFFEPath && u.RawQuery == "" && u.Fragment == "" && u.User == nil {
+			tds = append(tds, u.Host)
 		}
 	}
-	if !ok {
-		return nil, nil, fmt.Errorf("fetch root CA: the certificate presented by %s is not an sds-server certificate: want URI SAN spiffe://<trust domain>%s, got %v",
-			serverAddr, serverSPIFFEPath, uris)
+	switch {
+	case len(tds) == 0:
+		return "", fmt.Errorf("is not an sds-server certificate: want URI SAN spiffe://<trust domain>%s, got %v", serverSPIFFEPath, uris)
+	case len(tds) > 1:
+		return "", fmt.Errorf("names %d sds-server trust domains (%s); want exactly one", len(tds), strings.Join(tds, ", "))
 	}
-	return root, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: root.Raw}), nil
+	if err := issuer.ValidateTrustDomain(tds[0]); err != nil {
+		return "", fmt.Errorf("names the invalid trust domain %q: %w", tds[0], err)
+	}
+	return tds[0], nil
 }

@@ -3,9 +3,11 @@ package bootstrap
 import (
 	"context"
 	"crypto/tls"
+	"crypto/x509"
 	"encoding/pem"
 	"errors"
 	"net"
+	"net/url"
 	"slices"
 	"strings"
 	"sync"
@@ -158,4 +160,69 @@ func TestFetchRootRefuses(t *testing.T) {
 			t.Fatalf("error %v does not wrap the dial error", err)
 		}
 	})
+}
+
+// TestFetchServerTrustDomain checks that FetchServer reports the trust
+// domain of the server certificate it verified, whatever it is.
+func TestFetchServerTrustDomain(t *testing.T) {
+	for _, td := range []string{"mesh.local", "example.org"} {
+		t.Run(td, func(t *testing.T) {
+			p := newPKI(t, "mesh", "spiffe://"+td+"/sds-server")
+			srv := startTLSServer(t, p.tlsCert())
+			s, err := FetchServer(context.Background(), srv.addr, mustToken(t, p.root))
+			if err != nil {
+				t.Fatal(err)
+			}
+			if s.TrustDomain != td {
+				t.Errorf("TrustDomain = %q, want %q", s.TrustDomain, td)
+			}
+			if !s.Root.Equal(p.root) || !strings.Contains(string(s.RootPEM), "BEGIN CERTIFICATE") {
+				t.Error("FetchServer did not return the pinned root and its PEM")
+			}
+		})
+	}
+}
+
+func TestServerTrustDomain(t *testing.T) {
+	uris := func(ss ...string) *x509.Certificate {
+		c := &x509.Certificate{}
+		for _, s := range ss {
+			u, err := url.Parse(s)
+			if err != nil {
+				t.Fatal(err)
+			}
+			c.URIs = append(c.URIs, u)
+		}
+		return c
+	}
+	tests := []struct {
+		name    string
+		leaf    *x509.Certificate
+		want    string
+		wantErr string
+	}{
+		{"one server ID", uris("spiffe://example.org/sds-server"), "example.org", ""},
+		{"workload ID beside it", uris("spiffe://example.org/ns/prod/sa/web", "spiffe://example.org/sds-server"), "example.org", ""},
+		{"no URI", uris(), "", "not an sds-server certificate"},
+		{"workload only", uris("spiffe://example.org/ns/prod/sa/web"), "", "not an sds-server certificate"},
+		{"https, not spiffe", uris("https://example.org/sds-server"), "", "not an sds-server certificate"},
+		{"two trust domains", uris("spiffe://a.org/sds-server", "spiffe://b.org/sds-server"), "", "2 sds-server trust domains (a.org, b.org)"},
+		{"port in the host", uris("spiffe://example.org:8443/sds-server"), "", "invalid trust domain"},
+		{"upper case", uris("spiffe://Example.org/sds-server"), "", "invalid trust domain"},
+		{"user info", uris("spiffe://u@example.org/sds-server"), "", "not an sds-server certificate"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			got, err := serverTrustDomain(tt.leaf)
+			if tt.wantErr == "" {
+				if err != nil || got != tt.want {
+					t.Fatalf("serverTrustDomain = %q, %v; want %q", got, err, tt.want)
+				}
+				return
+			}
+			if err == nil || !strings.Contains(err.Error(), tt.wantErr) || got != "" {
+				t.Fatalf("serverTrustDomain = %q, %v; want an error saying %q", got, err, tt.wantErr)
+			}
+		})
+	}
 }

@@ -53,7 +53,8 @@ type Record struct {
 	MaxUses int `json:"max_uses"`
 	// Uses counts the nodes admitted so far.
 	Uses int `json:"uses"`
-	// Revoked tokens authenticate nothing, from RevokedAt on.
+	// Revoked tokens authenticate nothing and admit no node, from
+	// RevokedAt on.
 	Revoked   bool      `json:"revoked"`
 	RevokedAt time.Time `json:"revoked_at,omitzero"`
 	// LastUsedAt is when the token last admitted a node.
@@ -277,7 +278,8 @@ func (r *Registry) Get(ctx context.Context, id string) (Record, error) {
 // Revoke revokes the token with ID id (or of the token text id): from now
 // on it authenticates nothing. Revoking twice is not an error and keeps the
 // first RevokedAt. An unknown ID gives an error wrapping store.ErrNotFound.
-// Closing the streams already open with it is the caller's job.
+// Closing the streams already open with it and stopping its nodes'
+// renewals is the caller's job (sds.Server.RevokeToken does both).
 func (r *Registry) Revoke(ctx context.Context, id string) (Record, error) {
 	id, err := resolveID(id)
 	if err != nil {

@@ -275,9 +275,12 @@ func TestACL(t *testing.T) {
 	if code, _, _ := call(fresh, web, "db", "GET", "/rows/1"); code != 200 {
 		t.Errorf("after an invalid edit web -> db GET /rows/1 is %d, want the last good policy's 200", code)
 	}
-	status := srv.cli(t, "acl", "status")
+	status, statusErr, statusCode := srv.cliResult("acl", "status")
 	if !strings.Contains(status, "default/db") || !strings.Contains(status, "stale") || !strings.Contains(status, "db.yaml:entry 1") {
 		t.Errorf("acl status does not report the invalid db file:\n%s", status)
+	}
+	if statusCode != 1 || !strings.Contains(statusErr, "invalid ACL file(s): default/db.yaml") {
+		t.Errorf("acl status with an invalid file: exit %d, stderr %q; want 1 naming default/db.yaml", statusCode, statusErr)
 	}
 	if !strings.Contains(srv.out.String(), "invalid policy file") {
 		t.Errorf("no log line for the invalid policy file")

@@ -20,6 +20,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/meshid/sds-server/internal/freeport"
 )
 
 // tool returns the path of an external binary from env, or skips the test
@@ -40,15 +42,19 @@ func tool(t *testing.T, env, rel string) string {
 	return p
 }
 
-// freePort returns a loopback TCP port that was free a moment ago.
+// ports hands out the loopback ports of the processes the tests start.
+var ports freeport.Picker
+
+// freePort returns a loopback TCP port that was free a moment ago, outside
+// the ephemeral range so no outgoing connection can take it before the
+// process that is told it binds it (see internal/freeport).
 func freePort(t *testing.T) int {
 	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
+	p, err := ports.Pick()
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port
+	return p
 }
 
 // syncBuffer is a goroutine-safe log sink for a child process.

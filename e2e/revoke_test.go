@@ -21,7 +21,7 @@ import (
 func twoFrontends(t *testing.T, srv *server, envoyBin string) (backend, fe1, fe2 *sidecar) {
 	t.Helper()
 	backend = startSidecar(t, srv, envoyBin, "backend")
-	tok := strings.TrimSpace(srv.cli(t, "token", "create", "--service", "frontend"))
+	tok := strings.TrimSpace(srv.cli(t, "token", "create", "--service", "frontend", "--uses", "2"))
 	fe1 = startSidecarWith(t, srv, envoyBin, sidecarOpts{service: "frontend", nodeID: "frontend-1", token: tok,
 		routes: []route{{"kept", backend}, {"fresh", backend}}})
 	fe2 = startSidecarWith(t, srv, envoyBin, sidecarOpts{service: "frontend", nodeID: "frontend-2", token: tok,
@@ -135,7 +135,8 @@ func TestRevocation(t *testing.T) {
 	if streams == 0 {
 		t.Fatalf("frontend-1 has no open stream before revocation")
 	}
-	srv.cli(t, "node", "revoke", id1, "--reason", "e2e: key compromised")
+	// The token admitted frontend-2 too and is kept: its streams go on.
+	srv.cli(t, "node", "revoke", id1, "--reason", "e2e: key compromised", "--keep-token")
 	revoked := time.Now()
 
 	// The keep-alive connection: denied on its next request, never 200.

@@ -33,7 +33,7 @@ func TestStepCARevocation(t *testing.T) {
 	verifyFails := func() int { return verifyFailures(backend) }
 	before := verifyFails()
 	id1, _ := nodeByClaim(t, srv, "frontend-1")
-	srv.cli(t, "node", "revoke", id1, "--reason", "e2e: key compromised")
+	srv.cli(t, "node", "revoke", id1, "--reason", "e2e: key compromised", "--keep-token")
 	if out := srv.out.String(); strings.Contains(out, "the CA could not revoke") {
 		t.Errorf("step-ca did not revoke a certificate:\n%s", tail(out, 20))
 	}

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"strconv"
 	"time"
 
 	"github.com/meshid/sds-server/bootstrap"
@@ -17,13 +18,20 @@ import (
 // operator does not say.
 const DefaultTokenTTL = 24 * time.Hour
 
+// DefaultTokenUses is how many nodes a bootstrap token admits when the
+// operator does not say: one, so that a token is spent by the sidecar it
+// was made for. 0 means unlimited and must be asked for.
+const DefaultTokenUses = 1
+
 // TokenCreateRequest is the body of POST /v1/tokens.
 type TokenCreateRequest struct {
 	Service string `json:"service"`
 	Env     string `json:"env,omitempty"`
 	// TTL is a Go duration ("24h"); empty means DefaultTokenTTL.
-	TTL  string `json:"ttl,omitempty"`
-	Uses int    `json:"uses,omitempty"`
+	TTL string `json:"ttl,omitempty"`
+	// Uses is how many nodes the token admits; absent means
+	// DefaultTokenUses, 0 unlimited.
+	Uses *int `json:"uses,omitempty"`
 }
 
 // TokenInfo is a token record as the admin API shows it: everything but the
@@ -72,7 +80,60 @@ func (s *Server) AdminHandler() http.Handler {
 	mux.HandleFunc("POST /v1/nodes/{id}/revoke", s.handleNodeRevoke)
 	mux.HandleFunc("GET /v1/roots", s.handleRoots)
 	mux.HandleFunc("GET /v1/acl", s.handleACL)
-	return jsonErrors(mux)
+	mux.HandleFunc("GET /v1/status", s.handleStatus)
+	return jsonErrors{mux}
+}
+
+// jsonErrors answers the requests its mux has no route for (an unknown
+// path: 404; a known path with another method: 405 with Allow) with the
+// admin API's JSON error body instead of the mux's plain text, so that
+// every error a client sees decodes as ErrorResponse.
+type jsonErrors struct{ mux *http.ServeMux }
+
+func (j jsonErrors) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	if r.RequestURI == "*" { // the mux answers a bare 400 (found by FuzzAdminAPI)
+		writeError(w, http.StatusBadRequest, fmt.Errorf("no admin API endpoint * for %s", r.Method))
+		return
+	}
+	h, pattern := j.mux.Handler(r)
+	if pattern != "" {
+		j.mux.ServeHTTP(w, r)
+		return
+	}
+	// Learn what the mux would answer, without its body.
+	p := &statusProbe{header: http.Header{}}
+	h.ServeHTTP(p, r)
+	switch p.code {
+	case http.StatusNotFound:
+		writeError(w, p.code, fmt.Errorf("no admin API endpoint %s", r.URL.Path))
+	case http.StatusMethodNotAllowed:
+		w.Header().Set("Allow", p.header.Get("Allow"))
+		writeError(w, p.code, fmt.Errorf("method %s not allowed on %s; allowed: %s", r.Method, r.URL.Path, p.header.Get("Allow")))
+	default: // a redirect to the cleaned path
+		j.mux.ServeHTTP(w, r)
+	}
+}
+
+// statusProbe is a ResponseWriter that keeps the header and status code and
+// discards the body.
+type statusProbe struct {
+	header http.Header
+	code   int
+}
+
+func (p *statusProbe) Header() http.Header { return p.header }
+
+func (p *statusProbe) Write(b []byte) (int, error) {
+	if p.code == 0 {
+		p.code = http.StatusOK
+	}
+	return len(b), nil
+}
+
+func (p *statusProbe) WriteHeader(code int) {
+	if p.code == 0 {
+		p.code = code
+	}
 }
 
 func writeJSON(w http.ResponseWriter, code int, v any) {
@@ -127,12 +188,16 @@ func (s *Server) handleTokenCreate(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusBadRequest, err)
 		return
 	}
-	if req.Uses < 0 {
-		writeError(w, http.StatusBadRequest, fmt.Errorf("invalid uses %d: use 0 (unlimited) or a positive count", req.Uses))
+	uses := DefaultTokenUses
+	if req.Uses != nil {
+		uses = *req.Uses
+	}
+	if uses < 0 {
+		writeError(w, http.StatusBadRequest, fmt.Errorf("invalid uses %d: use 0 (unlimited) or a positive count", uses))
 		return
 	}
 	tok, rec, err := s.cfg.Tokens.Create(r.Context(), bootstrap.CreateOptions{
-		Service: req.Service, Env: req.Env, TTL: ttl, MaxUses: req.Uses,
+		Service: req.Service, Env: req.Env, TTL: ttl, MaxUses: uses,
 	}, s.Roots()[0])
 	if err != nil {
 		s.writeErr(w, r, err)
@@ -153,7 +218,12 @@ func (s *Server) handleTokenList(w http.ResponseWriter, r *http.Request) {
 	for _, r := range recs {
 		infos = append(infos, s.tokenInfo(r))
 	}
-	writeJSON(w, http.StatusOK, map[string]any{"tokens": infos})
+	writeJSON(w, http.StatusOK, TokenList{Tokens: infos})
+}
+
+// TokenList is the answer to GET /v1/tokens (`token list -o json`).
+type TokenList struct {
+	Tokens []TokenInfo `json:"tokens"`
 }
 
 // TokenRevokeResponse is the answer to POST /v1/tokens/{id}/revoke.
@@ -165,22 +235,30 @@ type TokenRevokeResponse struct {
 }
 
 func (s *Server) handleTokenRevoke(w http.ResponseWriter, r *http.Request) {
-	withNodes := r.URL.Query().Get("revoke_nodes") == "true"
-	rec, err := s.cfg.Tokens.Revoke(r.Context(), r.PathValue("id"))
+	withNodes, err := boolParam(r, "revoke_nodes")
+	if err != nil {
+		writeError(w, http.StatusBadRequest, err)
+		return
+	}
+	rec, nodes, err := s.RevokeToken(r.Context(), r.PathValue("id"), withNodes)
 	if err != nil {
 		s.writeErr(w, r, err)
 		return
 	}
-	s.log.Info("token revoked", "token_id", rec.ID, "service", rec.Service, "env", rec.Env, "revoke_nodes", withNodes)
-	out := TokenRevokeResponse{TokenInfo: s.tokenInfo(rec)}
-	if withNodes {
-		out.RevokedNodes, err = s.RevokeTokenNodes(r.Context(), rec.ID, "token "+rec.ID+" revoked")
-		if err != nil {
-			s.writeErr(w, r, err)
-			return
-		}
+	writeJSON(w, http.StatusOK, TokenRevokeResponse{TokenInfo: s.tokenInfo(rec), RevokedNodes: nodes})
+}
+
+// boolParam reads an optional true/false query parameter.
+func boolParam(r *http.Request, name string) (bool, error) {
+	v := r.URL.Query().Get(name)
+	if v == "" {
+		return false, nil
 	}
-	writeJSON(w, http.StatusOK, out)
+	b, err := strconv.ParseBool(v)
+	if err != nil {
+		return false, fmt.Errorf("query parameter %s=%q: want true or false", name, v)
+	}
+	return b, nil
 }
 
 // NodeRevokeRequest is the optional body of POST /v1/nodes/{id}/revoke.
@@ -200,21 +278,88 @@ func (s *Server) handleNodeRevoke(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusBadRequest, fmt.Errorf("reason is %d characters long; keep it under 256", len(req.Reason)))
 		return
 	}
-	n, err := s.RevokeNode(r.Context(), r.PathValue("id"), req.Reason)
-	if err != nil && n == nil {
-		s.writeErr(w, r, err)
+	keep, err := boolParam(r, "keep_token")
+	if err != nil {
+		writeError(w, http.StatusBadRequest, err)
 		return
 	}
-	if err != nil { // revoked here; the CA or the CRL did not follow yet
-		s.log.Error("node revoked, but revocation is not complete everywhere", "node_id", n.ID, "error", err)
+	revokeTok, err := boolParam(r, "revoke_token")
+	if err != nil {
+		writeError(w, http.StatusBadRequest, err)
+		return
 	}
-	writeJSON(w, http.StatusOK, s.nodeInfo(*n))
+	action := TokenAuto
+	switch {
+	case keep && revokeTok:
+		writeError(w, http.StatusBadRequest, errors.New("keep_token and revoke_token exclude each other: choose one"))
+		return
+	case keep:
+		action = TokenKeep
+	case revokeTok:
+		action = TokenRevoke
+	}
+	res, err := s.RevokeNodeWith(r.Context(), r.PathValue("id"), req.Reason, action)
+	var shared *SharedTokenError
+	switch {
+	case errors.As(err, &shared):
+		writeError(w, http.StatusConflict, err)
+		return
+	case err != nil && res == nil:
+		s.writeErr(w, r, err)
+		return
+	case errors.Is(err, ErrTokenNotRevoked): // the node is revoked, its token is not
+		s.writeErr(w, r, err)
+		return
+	case err != nil: // revoked here; the CA or the CRL did not follow yet
+		s.log.Error("node revoked, but revocation is not complete everywhere", "node_id", res.Node.ID, "error", err)
+	}
+	out := NodeRevokeResponse{NodeInfo: s.nodeInfo(*res.Node), TokenRevoked: res.TokenRevoked, TokenNote: res.TokenNote}
+	if res.Token != nil {
+		ti := s.tokenInfo(*res.Token)
+		out.Token = &ti
+	}
+	writeJSON(w, http.StatusOK, out)
 }
 
+// NodeRevokeResponse is the answer to POST /v1/nodes/{id}/revoke: the
+// revoked node and what became of its token.
+type NodeRevokeResponse struct {
+	NodeInfo
+	// Token is the node's token after the revocation; absent if it no
+	// longer exists.
+	Token *TokenInfo `json:"token,omitempty"`
+	// TokenRevoked is true when the token was revoked with the node.
+	TokenRevoked bool `json:"token_revoked"`
+	// TokenNote says what happened to the token and why.
+	TokenNote string `json:"token_note,omitempty"`
+}
+
+// Node states as the admin API shows them (NodeInfo.State).
+const (
+	// NodeConnected: the node has at least one open xDS stream.
+	NodeConnected = "connected"
+	// NodeDisconnected: the node is admitted but has no open stream.
+	NodeDisconnected = "disconnected"
+	// NodeStateRevoked: the node is revoked.
+	NodeStateRevoked = "revoked"
+)
+
+// NodeModeDirect is NodeInfo.Mode for an Envoy that holds its own xDS
+// streams to the server, the only mode so far (a node agent comes later).
+const NodeModeDirect = "direct"
+
 // NodeInfo is a node as the admin API shows it: the stored record and, for
-// a node this server has seen since it started, its live state.
+// a node this server has seen since it started, its live state. Its
+// LastSeen is the live value (moved by every stream bound, request and
+// stream closed), which the stored record follows at most once a minute.
 type NodeInfo struct {
 	Node
+	// State is NodeConnected, NodeDisconnected or NodeStateRevoked:
+	// unlike Status (the record's lifecycle, active or revoked), it tells
+	// whether the node is connected now.
+	State string `json:"state"`
+	// Mode is how the node talks to the server: NodeModeDirect.
+	Mode string `json:"mode"`
 	// Streams is the number of open xDS streams.
 	Streams int `json:"streams"`
 	// RenewAt is when the current certificate is due for renewal.
@@ -223,16 +368,32 @@ type NodeInfo struct {
 	// last one's reason.
 	RenewalFailures int    `json:"renewal_failures,omitempty"`
 	LastError       string `json:"last_error,omitempty"`
+	// Connections are the peer addresses of the connections with open
+	// streams: more than one means the node's key is served to each.
+	Connections []string `json:"connections,omitempty"`
+	// SharedEvents counts, since the server started, the streams that
+	// bound to the node from a new connection while another was open.
+	SharedEvents int `json:"shared_events"`
 }
 
 func (s *Server) nodeInfo(n Node) NodeInfo {
-	info := NodeInfo{Node: n}
+	info := NodeInfo{Node: n, Mode: NodeModeDirect}
 	s.mu.Lock()
 	ln := s.live[n.ID]
 	if ln != nil {
 		info.Streams = ln.streams
+		info.Connections, info.SharedEvents = ln.conns.list(), ln.conns.shared
 	}
 	s.mu.Unlock()
+	info.LastSeen = liveLastSeen(n.LastSeen, ln)
+	switch {
+	case n.Status == NodeRevoked:
+		info.State = NodeStateRevoked
+	case info.Streams > 0:
+		info.State = NodeConnected
+	default:
+		info.State = NodeDisconnected
+	}
 	if ln == nil {
 		return info
 	}
@@ -255,7 +416,12 @@ func (s *Server) handleNodeList(w http.ResponseWriter, r *http.Request) {
 	for _, n := range nodes {
 		infos = append(infos, s.nodeInfo(n))
 	}
-	writeJSON(w, http.StatusOK, map[string]any{"nodes": infos})
+	writeJSON(w, http.StatusOK, NodeList{Nodes: infos})
+}
+
+// NodeList is the answer to GET /v1/nodes (`node list -o json`).
+type NodeList struct {
+	Nodes []NodeInfo `json:"nodes"`
 }
 
 func (s *Server) handleNodeGet(w http.ResponseWriter, r *http.Request) {

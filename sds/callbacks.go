@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"strings"
 
 	core "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
@@ -22,6 +23,7 @@ import (
 type refusal struct {
 	code   codes.Code
 	reason string // metric label; empty when not an authentication failure
+	limit  string // sds_limit_rejections_total label; empty when no limit refused it
 	msg    string
 }
 
@@ -62,6 +64,9 @@ func (c callbacks) open(ctx context.Context, id int64, typeURL, protocol string)
 	if p, ok := peer.FromContext(ctx); ok {
 		st.peer = p.Addr.String()
 	}
+	if err := s.authRateRefusal(st); err != nil {
+		return c.refuse(st, id, err)
+	}
 	rec, err := s.authenticate(ctx)
 	if err != nil {
 		return c.refuse(st, id, err)
@@ -71,6 +76,7 @@ func (c callbacks) open(ctx context.Context, id int64, typeURL, protocol string)
 	s.streams[id] = st
 	s.mu.Unlock()
 	s.cfg.Metrics.streams.WithLabelValues(st.kind, protocol).Inc()
+	s.debugStreamOpened(id, st)
 	return nil
 }
 
@@ -92,17 +98,22 @@ func (c callbacks) refuse(st *streamState, id int64, err error) error {
 		}
 	case errors.As(err, &rf):
 		code, reason = rf.code, rf.reason
+		if rf.limit != "" {
+			reason = rf.limit
+			c.s.lim.m.reject(rf.limit)
+		}
 	case errors.Is(err, context.Canceled):
 		code = codes.Canceled
 	default:
 		msg = "internal error admitting the stream; see the server log"
-		c.s.log.Error("stream admission failed", "stream_id", id, "peer", st.peer, "error", err)
+		c.s.lim.logs.logAt(slog.LevelError, eventAdmission, "", "stream_id", id, "peer", st.peer, "error", err)
 	}
-	if reason != "" {
+	if reason != "" && (rf == nil || rf.limit == "") { // an authentication failure
 		c.s.cfg.Metrics.authFailures.WithLabelValues(reason).Inc()
+		c.s.lim.authLim.fail(st.peer)
 	}
-	c.s.log.Warn("stream refused", "stream_id", id, "peer", st.peer, "xds_type", st.kind,
-		"token_id", st.token.ID, "code", code.String(), "reason", reason, "message", msg)
+	c.s.lim.logs.warn(eventRefused, reason, "stream_id", id, "peer", st.peer, "xds_type", st.kind,
+		"token_id", c.s.lim.logs.clip(st.token.ID), "code", code.String(), "reason", reason, "message", c.s.lim.logs.clip(msg))
 	return status.Error(code, msg)
 }
 
@@ -129,16 +140,26 @@ func (c callbacks) request(id int64, claimed *core.Node, typeURL string, names [
 			return nil, c.refuse(st, id, err)
 		}
 		s.mu.Lock()
+		if err := s.streamLimitRefusal(ln); err != nil {
+			s.mu.Unlock()
+			return nil, c.refuse(st, id, err)
+		}
 		st.node = ln
 		st.xdsNode = &core.Node{Id: ln.rec.ID, Cluster: ln.rec.Service}
-		revoked := ln.revoked.Load()
+		revoked, tokenRevoked := ln.revoked.Load(), ln.tokenRevoked.Load()
 		ln.streams++
 		if ln.streams == 1 {
 			s.cfg.Metrics.connectedSidecars.Inc()
 		}
+		shared := ln.conns.add(ln.rec.ID, st.peer)
 		s.mu.Unlock()
+		s.debugStreamBound(id, st, claimed.GetId())
+		s.reportShared(shared, id)
 		if revoked { // revoked while this stream was being admitted
 			return nil, c.refuse(st, id, &refusal{code: codes.PermissionDenied, reason: "node_revoked", msg: fmt.Sprintf("node %s has been revoked", ln.rec.ID)})
+		}
+		if tokenRevoked {
+			return nil, c.refuse(st, id, tokenRevokedRefusal(ln.rec.TokenID))
 		}
 	}
 	if nonce != "" {
@@ -152,19 +173,23 @@ func (c callbacks) request(id int64, claimed *core.Node, typeURL string, names [
 			}
 		}
 	}
+	s.touch(st.node)
 	if nack != nil {
-		s.cfg.Metrics.nacks.WithLabelValues(typeURL).Inc()
-		s.log.Warn("envoy rejected a response", "stream_id", id, "node_id", st.node.rec.ID, "type_url", typeURL, "error_detail", *nack)
+		s.cfg.Metrics.nacks.WithLabelValues(typeLabel(typeURL)).Inc()
+		s.lim.logs.warn(eventNACK, typeLabel(typeURL), "stream_id", id, "node_id", st.node.rec.ID,
+			"type_url", s.lim.logs.clip(typeURL), "error_detail", s.lim.logs.clip(*nack))
 	}
 	for _, name := range names {
 		if st.unknown[name] || s.cache.has(st.node.rec.ID, typeURL, name) {
 			continue
 		}
 		if typeURL == xdsres.SecretType {
-			st.unknown[name] = true
-			s.cfg.Metrics.unknownResources.WithLabelValues(typeURL).Inc()
-			s.log.Warn("secret not served to this identity", "stream_id", id, "node_id", st.node.rec.ID,
-				"spiffe_id", st.node.identity.SPIFFEID(), "name", name)
+			if len(st.unknown) < s.cfg.Limits.MaxResourceNames {
+				st.unknown[name] = true
+			}
+			s.cfg.Metrics.unknownResources.WithLabelValues(typeLabel(typeURL)).Inc()
+			s.lim.logs.warn(eventNotServed, "", "stream_id", id, "node_id", st.node.rec.ID,
+				"spiffe_id", st.node.identity.SPIFFEID(), "name", s.lim.logs.clip(name))
 		}
 	}
 	return st.xdsNode, nil
@@ -176,6 +201,8 @@ func (c callbacks) closed(id int64) {
 	st := s.streams[id]
 	delete(s.streams, id)
 	if st != nil && st.node != nil {
+		st.node.conns.remove(st.peer)
+		s.seenClosed(st.node)
 		st.node.streams--
 		if st.node.streams == 0 {
 			s.cfg.Metrics.connectedSidecars.Dec()
@@ -186,6 +213,7 @@ func (c callbacks) closed(id int64) {
 	if st != nil {
 		s.cfg.Metrics.streams.WithLabelValues(st.kind, st.protocol).Dec()
 	}
+	s.debugStreamClosed(id, st)
 }
 
 func nackDetail(d interface{ GetMessage() string }, present bool) *string {
@@ -206,6 +234,10 @@ func (c callbacks) OnStreamClosed(id int64, _ *core.Node) { c.closed(id) }
 
 // OnStreamRequest implements the server callbacks.
 func (c callbacks) OnStreamRequest(id int64, req *discovery.DiscoveryRequest) error {
+	c.s.debugRequest(id, req.GetTypeUrl(), len(req.GetResourceNames()), req.GetVersionInfo(), req.GetResponseNonce(), req.GetErrorDetail() != nil)
+	if err := c.checkRequest(id, req.GetTypeUrl(), req.GetResourceNames(), nil, false); err != nil {
+		return err
+	}
 	n, err := c.request(id, req.GetNode(), req.GetTypeUrl(), req.GetResourceNames(), req.GetResponseNonce(), nackDetail(req.GetErrorDetail(), req.GetErrorDetail() != nil))
 	if err != nil {
 		return err
@@ -217,6 +249,7 @@ func (c callbacks) OnStreamRequest(id int64, req *discovery.DiscoveryRequest) er
 // OnStreamResponse implements the server callbacks: it remembers which
 // certificate a response carries, to learn from the ACK what Envoy loaded.
 func (c callbacks) OnStreamResponse(_ context.Context, id int64, _ *discovery.DiscoveryRequest, resp *discovery.DiscoveryResponse) {
+	c.s.debugResponse(id, resp.GetTypeUrl(), resp.GetVersionInfo(), resp.GetNonce(), len(resp.GetResources()))
 	c.sent(id, resp.GetNonce(), resp.GetResources())
 }
 
@@ -266,6 +299,10 @@ func (c callbacks) OnDeltaStreamClosed(id int64, _ *core.Node) { c.closed(deltaS
 
 // OnStreamDeltaRequest implements the server callbacks.
 func (c callbacks) OnStreamDeltaRequest(id int64, req *discovery.DeltaDiscoveryRequest) error {
+	c.s.debugRequest(deltaStreamID(id), req.GetTypeUrl(), len(req.GetResourceNamesSubscribe()), "", req.GetResponseNonce(), req.GetErrorDetail() != nil)
+	if err := c.checkRequest(deltaStreamID(id), req.GetTypeUrl(), req.GetResourceNamesSubscribe(), req.GetResourceNamesUnsubscribe(), true); err != nil {
+		return err
+	}
 	n, err := c.request(deltaStreamID(id), req.GetNode(), req.GetTypeUrl(), req.GetResourceNamesSubscribe(), req.GetResponseNonce(), nackDetail(req.GetErrorDetail(), req.GetErrorDetail() != nil))
 	if err != nil {
 		return err
@@ -276,6 +313,7 @@ func (c callbacks) OnStreamDeltaRequest(id int64, req *discovery.DeltaDiscoveryR
 
 // OnStreamDeltaResponse implements the server callbacks.
 func (c callbacks) OnStreamDeltaResponse(id int64, _ *discovery.DeltaDiscoveryRequest, resp *discovery.DeltaDiscoveryResponse) {
+	c.s.debugDeltaResponse(deltaStreamID(id), resp)
 	anys := make([]*anypb.Any, 0, len(resp.GetResources()))
 	for _, r := range resp.GetResources() {
 		anys = append(anys, r.GetResource())

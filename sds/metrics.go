@@ -18,8 +18,10 @@ type Metrics struct {
 	unknownResources  *prometheus.CounterVec
 	nodesAdmitted     prometheus.Counter
 	connectedSidecars prometheus.Gauge
+	sharedIdentity    prometheus.Counter
 	policyErrors      prometheus.Counter
 	policyInvalid     prometheus.Gauge
+	limits            *limitMetrics
 	reg               prometheus.Registerer
 }
 
@@ -41,15 +43,15 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 		}),
 		authFailures: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "sds_authentication_failures_total",
-			Help: "xDS streams refused, by reason (missing, malformed, wrong_root, unknown, revoked, expired, exhausted, node_revoked, bad_node).",
+			Help: "xDS streams refused, by reason (missing, malformed, wrong_root, unknown, revoked, expired, exhausted, node_revoked, node_expired, bad_node).",
 		}, []string{"reason"}),
 		nacks: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "sds_nacks_total",
-			Help: "Responses rejected by Envoy (requests carrying error_detail), by type URL.",
+			Help: "Responses rejected by Envoy (requests carrying error_detail), by type URL (the served ones, else other).",
 		}, []string{"type_url"}),
 		unknownResources: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "sds_unknown_resource_requests_total",
-			Help: "Requests for resource names the stream's identity may not receive, by type URL.",
+			Help: "Requests for resource names the stream's identity may not receive, by type URL (the served ones, else other).",
 		}, []string{"type_url"}),
 		nodesAdmitted: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "sds_nodes_admitted_total",
@@ -58,6 +60,10 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 		connectedSidecars: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: "sds_connected_nodes",
 			Help: "Nodes with at least one open xDS stream.",
+		}),
+		sharedIdentity: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "sds_node_shared_identity_total",
+			Help: "Streams bound to a node from a new connection while other connections of that node were open: its key is served to both.",
 		}),
 	}
 	m.policyErrors = prometheus.NewCounter(prometheus.CounterOpts{
@@ -68,9 +74,12 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 		Name: "sds_policy_invalid_files",
 		Help: "Files in policy_dir whose current content is not in force (invalid or misplaced).",
 	})
+	m.limits = newLimitMetrics()
 	m.reg = reg
 	reg.MustRegister(m.streams, m.certsIssued, m.issueLatency, m.authFailures, m.nacks,
-		m.unknownResources, m.nodesAdmitted, m.connectedSidecars, m.policyErrors, m.policyInvalid)
+		m.unknownResources, m.nodesAdmitted, m.connectedSidecars, m.sharedIdentity, m.policyErrors, m.policyInvalid)
+	reg.MustRegister(m.limits.collectors()...)
+	m.preinit()
 	return m
 }
 
@@ -90,6 +99,7 @@ func (m *Metrics) registerServer(s *Server) error {
 			Name: "sds_renewals_scheduled",
 			Help: "Certificate renewals waiting in the scheduler.",
 		}, func() float64 { return float64(s.sched.len()) }),
+		newStateCollector(s),
 	} {
 		if err := m.reg.Register(c); err != nil {
 			return fmt.Errorf("register metrics: %w", err)

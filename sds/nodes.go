@@ -41,6 +41,10 @@ type Node struct {
 	Status    NodeStatus `json:"status"`
 	FirstSeen time.Time  `json:"first_seen"`
 	LastSeen  time.Time  `json:"last_seen"`
+	// AdmittedAt is when the token last admitted the node: when it first
+	// joined, or when it came back after its certificates expired
+	// (readmit.go). Zero in records older than the field: FirstSeen then.
+	AdmittedAt time.Time `json:"admitted_at,omitzero"`
 	// IssuedSerial and IssuedNotAfter describe the newest certificate issued.
 	IssuedSerial   string    `json:"issued_serial,omitempty"`
 	IssuedNotAfter time.Time `json:"issued_not_after,omitzero"`
@@ -102,13 +106,20 @@ func (r *nodeRegistry) get(ctx context.Context, id string) (*Node, error) {
 }
 
 // bind returns the node bound to (tokenID, claimedID), creating it with
-// create if there is none. create runs under the registry lock and may refuse
-// (the token's expiry or use limit); it must not call the CA.
-func (r *nodeRegistry) bind(ctx context.Context, tokenID, claimedID string, create func() (*Node, error)) (*Node, bool, error) {
+// create if there is none, or passing the one there is to back, which
+// returns it (or its updated record) or refuses it. create and back run
+// under the registry lock, so the several streams of one sidecar see one
+// decision; they may refuse (the token's expiry or use limit) and must not
+// call the CA.
+func (r *nodeRegistry) bind(ctx context.Context, tokenID, claimedID string, create func() (*Node, error), back func(*Node) (*Node, error)) (*Node, bool, error) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	n, err := r.lookup(ctx, tokenID, claimedID)
-	if err != nil || n != nil {
+	if err != nil {
+		return nil, false, err
+	}
+	if n != nil {
+		n, err = back(n)
 		return n, false, err
 	}
 	n, err = create()

@@ -2,9 +2,9 @@ package sds
 
 import (
 	"context"
+	"crypto/sha256"
 	"errors"
 	"fmt"
-	"hash/fnv"
 	"os"
 	"path/filepath"
 	"sort"
@@ -39,8 +39,12 @@ type PolicyReport struct {
 	Dir           string         `json:"dir"`
 	DefaultPolicy string         `json:"default_policy"`
 	Services      []PolicyStatus `json:"services"`
-	// Stray lists files that name no service (misplaced or misnamed).
+	// Stray lists files that name no service (misplaced or misnamed) or
+	// that could not be read.
 	Stray []string `json:"stray,omitempty"`
+	// Error is why policy_dir itself could not be read at the last poll;
+	// the policies in force are the last ones read.
+	Error string `json:"error,omitempty"`
 }
 
 // policyWatcher keeps the server's ACL filters in step with policy_dir. A
@@ -54,11 +58,12 @@ type policyWatcher struct {
 	def     *rbacv3.RBAC
 
 	mu       sync.Mutex
-	sum      uint64
+	sum      [sha256.Size]byte
 	good     map[authz.Key]goodPolicy
 	status   map[authz.Key]PolicyStatus
 	stray    []string
 	reported map[string]bool // problems already logged, so each is logged once
+	dirErr   string          // why policy_dir itself could not be read at the last poll
 }
 
 type goodPolicy struct {
@@ -97,51 +102,36 @@ func (s *Server) WatchPolicies(ctx context.Context, dir, defName string, interva
 	return nil
 }
 
-// fingerprint hashes the names, sizes and modification times of the
-// directory's two levels, so an unchanged directory costs a few stat calls.
-func (w *policyWatcher) fingerprint() (uint64, error) {
-	h := fnv.New64a()
-	var walk func(dir string, depth int) error
-	walk = func(dir string, depth int) error {
-		entries, err := os.ReadDir(dir)
-		if err != nil {
-			return err
-		}
-		for _, e := range entries {
-			info, err := e.Info()
-			if err != nil {
-				continue // removed meanwhile: the next poll sees it
-			}
-			fmt.Fprintf(h, "%s/%s|%d|%d|%v\n", dir, e.Name(), info.Size(), info.ModTime().UnixNano(), info.IsDir())
-			if info.IsDir() && depth == 0 {
-				if err := walk(filepath.Join(dir, e.Name()), 1); err != nil {
-					fmt.Fprintf(h, "err %v\n", err)
-				}
-			}
-		}
-		return nil
-	}
-	if err := walk(w.dir, 0); err != nil {
-		return 0, err
-	}
-	return h.Sum64(), nil
-}
-
-// scan reloads the directory if it changed and pushes what changed.
+// scan reloads the directory if what it would load changed, and pushes what
+// changed. Every poll reads the files (each bounded by authz.MaxFileSize and
+// never blocking) and compares a hash of their bytes with the last one, so
+// an edit is seen wherever symbolic links lead: a symlinked file or
+// environment directory, a Kubernetes ConfigMap's ..data swap. Comparing
+// names, sizes and timestamps of the links themselves missed those.
 func (w *policyWatcher) scan(force bool) error {
-	sum, err := w.fingerprint()
-	if err != nil {
-		return err
-	}
+	snap, err := authz.ReadDir(w.dir)
 	w.mu.Lock()
 	defer w.mu.Unlock()
+	switch {
+	case err != nil && force:
+		return err
+	case err != nil:
+		// Logged once per reason, reported by the admin API until it
+		// passes: the policies in force stay.
+		if w.dirErr != err.Error() {
+			w.s.log.Error("policy_dir unreadable; keeping the current policies", "policy_dir", w.dir, "error", err)
+		}
+		w.dirErr = err.Error()
+		return nil
+	case w.dirErr != "":
+		w.s.log.Info("policy_dir readable again", "policy_dir", w.dir)
+		w.dirErr = ""
+	}
+	sum := snap.Sum()
 	if !force && sum == w.sum {
 		return nil
 	}
-	d, err := authz.LoadDir(w.dir)
-	if err != nil {
-		return err
-	}
+	d := snap.Load()
 	now := w.s.now().UTC()
 	m := w.s.cfg.Metrics
 	status := map[authz.Key]PolicyStatus{}
@@ -176,6 +166,20 @@ func (w *policyWatcher) scan(force bool) error {
 		}
 		if g, ok := good[k]; ok {
 			st.Active, st.Entries, st.LoadedAt = true, g.entries, g.loadedAt
+		}
+		status[k] = st
+	}
+	// An environment directory that cannot be read (a dangling or looping
+	// link, no permission) says nothing of its services: keep what they had.
+	for k, old := range w.status {
+		envErr, ok := d.Unreadable[k.Env]
+		if _, seen := status[k]; seen || !ok {
+			continue
+		}
+		st := old
+		st.Error = envErr.Error()
+		if g, ok := w.good[k]; ok {
+			good[k] = g
 		}
 		status[k] = st
 	}
@@ -235,7 +239,7 @@ func oneLine(s string) string { return strings.ReplaceAll(s, "\n", "; ") }
 func (w *policyWatcher) report() PolicyReport {
 	w.mu.Lock()
 	defer w.mu.Unlock()
-	r := PolicyReport{Dir: w.dir, DefaultPolicy: w.defName, Stray: append([]string(nil), w.stray...)}
+	r := PolicyReport{Dir: w.dir, DefaultPolicy: w.defName, Stray: append([]string(nil), w.stray...), Error: w.dirErr}
 	for _, st := range w.status {
 		r.Services = append(r.Services, st)
 	}

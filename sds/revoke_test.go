@@ -351,7 +351,7 @@ func getNode(t *testing.T, srv *Server, id string) *Node {
 // ADS) with PermissionDenied naming it and the reason, refuses its new
 // streams, stops its certificates, and puts every unexpired certificate it
 // was issued (not the expired one) on the CRL pushed in ROOTCA to the other
-// nodes. The token itself still admits a new node.
+// nodes. With keep_token=true the token itself still admits a new node.
 func TestRevokeNode(t *testing.T) {
 	env := newRevokeEnv(t, envOptions{})
 	h := env.srv.AdminHandler()
@@ -405,7 +405,7 @@ func TestRevokeNode(t *testing.T) {
 	before := rootCACRL(t, env.testEnv, r.secrets[SecretRootCA])
 
 	issued := metricValue(t, env.metrics.certsIssued.WithLabelValues("success"))
-	code, body, _ := adminDo(t, h, "POST", "/v1/nodes/"+nodeA.ID+"/revoke", `{"reason":"key leaked"}`)
+	code, body, _ := adminDo(t, h, "POST", "/v1/nodes/"+nodeA.ID+"/revoke?keep_token=true", `{"reason":"key leaked"}`)
 	if code != http.StatusOK {
 		t.Fatalf("revoke: %d %s", code, body)
 	}
@@ -482,7 +482,7 @@ func TestRevokeNode(t *testing.T) {
 		t.Errorf("node_revoked refusals grew by %v, want %d", got-refused, len(allVariants))
 	}
 
-	// The token is fine: a new node.id is a new node.
+	// The token was kept: a new node.id is a new node.
 	r, _ = env.fetch(t, sdsSotw, tokA, "a-2", SecretDefault)
 	nodeA2 := env.nodeFor(t, recA.ID, "a-2")
 	if nodeA2.ID == nodeA.ID || nodeA2.Status != NodeActive {
@@ -539,12 +539,16 @@ func TestRevokeNodeTwiceAndErrors(t *testing.T) {
 		code             int
 		word             string // of the error, or of the answer
 	}{
-		{"again through the API", "/v1/nodes/" + n1.ID + "/revoke", `{"reason":"third"}`, http.StatusOK, `"revoke_reason":"first"`},
+		{"again through the API", "/v1/nodes/" + n1.ID + "/revoke?keep_token=true", `{"reason":"third"}`, http.StatusOK, `"revoke_reason":"first"`},
 		{"unknown node", "/v1/nodes/00000000000000000000/revoke", "", http.StatusNotFound, "not found"},
-		{"not JSON", "/v1/nodes/" + n2.ID + "/revoke", `reason=x`, http.StatusBadRequest, "bad request body"},
-		{"unknown field", "/v1/nodes/" + n2.ID + "/revoke", `{"why":"x"}`, http.StatusBadRequest, "unknown field"},
-		{"reason too long", "/v1/nodes/" + n2.ID + "/revoke", `{"reason":"` + strings.Repeat("x", 300) + `"}`, http.StatusBadRequest, "256"},
-		{"no body", "/v1/nodes/" + n2.ID + "/revoke", "", http.StatusOK, `"status":"revoked"`},
+		{"not JSON", "/v1/nodes/" + n2.ID + "/revoke?keep_token=true", `reason=x`, http.StatusBadRequest, "bad request body"},
+		{"unknown field", "/v1/nodes/" + n2.ID + "/revoke?keep_token=true", `{"why":"x"}`, http.StatusBadRequest, "unknown field"},
+		{"reason too long", "/v1/nodes/" + n2.ID + "/revoke?keep_token=true", `{"reason":"` + strings.Repeat("x", 300) + `"}`, http.StatusBadRequest, "256"},
+		{"bad keep_token", "/v1/nodes/" + n2.ID + "/revoke?keep_token=yes", "", http.StatusBadRequest, "keep_token"},
+		{"bad revoke_token", "/v1/nodes/" + n2.ID + "/revoke?revoke_token=2", "", http.StatusBadRequest, "revoke_token"},
+		{"both token flags", "/v1/nodes/" + n2.ID + "/revoke?keep_token=true&revoke_token=true", "", http.StatusBadRequest, "exclude each other"},
+		{"multi-use token without a choice", "/v1/nodes/" + n2.ID + "/revoke", "", http.StatusConflict, "Nothing was revoked"},
+		{"no body", "/v1/nodes/" + n2.ID + "/revoke?keep_token=true", "", http.StatusOK, `"status":"revoked"`},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -629,9 +633,12 @@ func TestRevocationSurvivesRestart(t *testing.T) {
 	}
 }
 
-// TestRevokeToken: revoking a token refuses its new streams but leaves the
-// nodes it admitted alone (open streams, renewals) unless revoke_nodes=true,
-// which revokes them and lists them.
+// TestRevokeToken: revoking a token (without revoke_nodes) refuses its new
+// streams, ends the open streams of every node it admitted at once with
+// PermissionDenied naming the token, and no certificate is issued to those
+// nodes afterwards (a node of another token renews meanwhile); their
+// records stay active. revoke_nodes=true then revokes them and lists them,
+// and their certificates go on the CRL.
 func TestRevokeToken(t *testing.T) {
 	env := newRevokeEnv(t, envOptions{})
 	h := env.srv.AdminHandler()
@@ -647,6 +654,7 @@ func TestRevokeToken(t *testing.T) {
 	ackReply(t, sO, false, names, rO)
 	nodeA, nodeB := env.nodeFor(t, rec.ID, "a-1"), env.nodeFor(t, rec.ID, "b-1")
 	nodeO := env.nodeFor(t, recO.ID, "o-1")
+	issuedA, issuedB := len(env.iss.issuedTo(nodeA.ID)), len(env.iss.issuedTo(nodeB.ID))
 
 	code, body, _ := adminDo(t, h, "POST", "/v1/tokens/"+rec.ID+"/revoke", "")
 	var out TokenRevokeResponse
@@ -654,18 +662,29 @@ func TestRevokeToken(t *testing.T) {
 		t.Fatalf("revoke token: %d %s", code, body)
 	}
 
-	// Open streams stay open and keep being renewed (+55 min: past the
-	// renewal at 54).
-	if r, err := sA.recv(200 * time.Millisecond); !errors.Is(err, errNoReply) {
-		t.Fatalf("stream of a node admitted by the revoked token: (%v, %v), want it open and quiet", r, err)
+	// Open streams end at once, naming the token.
+	checkEnded(t, "node A stream", sA, "bootstrap token "+rec.ID+" was revoked")
+	checkEnded(t, "node B stream", sB, "bootstrap token "+rec.ID+" was revoked")
+	for _, id := range []string{nodeA.ID, nodeB.ID} {
+		if at, ok := env.srv.sched.scheduled(liveNodeOf(t, env.srv, id)); ok {
+			t.Errorf("node %s of the revoked token still scheduled for renewal at %s", id, at)
+		}
+		if err := forceRenew(t, env.srv, id); !errors.Is(err, ErrTokenRevoked) {
+			t.Errorf("issuing to node %s of the revoked token: %v, want ErrTokenRevoked", id, err)
+		}
 	}
+
+	// No renewal after the revocation (+55 min: past the renewal at 54),
+	// while the other token's node renews.
 	env.clock.Advance(55 * time.Minute)
 	wakeScheduler(env.srv)
-	awaitNewDefault(t, sA, false, names, leaf(t, rA.secrets[SecretDefault]))
-	awaitNewDefault(t, sB, true, nil, leaf(t, rB.secrets[SecretDefault]))
+	awaitNewDefault(t, sO, false, names, leaf(t, rO.secrets[SecretDefault]))
+	if a, b := len(env.iss.issuedTo(nodeA.ID)), len(env.iss.issuedTo(nodeB.ID)); a != issuedA || b != issuedB {
+		t.Errorf("after the token's revocation nodes A and B were issued %d and %d more certificates, want none", a-issuedA, b-issuedB)
+	}
 	for _, id := range []string{nodeA.ID, nodeB.ID} {
 		if n := getNode(t, env.srv, id); n.Status != NodeActive {
-			t.Errorf("node %s is %s after its token was revoked", id, n.Status)
+			t.Errorf("node %s is %s after its token was revoked without revoke_nodes", id, n.Status)
 		}
 	}
 
@@ -677,6 +696,9 @@ func TestRevokeToken(t *testing.T) {
 			t.Errorf("new stream (node.id %s) with the revoked token: %v, want PermissionDenied", claimed, err)
 		}
 	}
+	if a, b := len(env.iss.issuedTo(nodeA.ID)), len(env.iss.issuedTo(nodeB.ID)); a != issuedA || b != issuedB {
+		t.Errorf("reconnections after the token's revocation issued %d and %d certificates, want none", a-issuedA, b-issuedB)
+	}
 
 	// revoke_nodes=true revokes what it admitted, and says which.
 	code, body, _ = adminDo(t, h, "POST", "/v1/tokens/"+rec.ID+"/revoke?revoke_nodes=true", "")
@@ -687,12 +709,10 @@ func TestRevokeToken(t *testing.T) {
 	if got, want := sortedCopy(out.RevokedNodes), sortedCopy([]string{nodeA.ID, nodeB.ID}); !slices.Equal(got, want) {
 		t.Errorf("revoked nodes %v, want %v", got, want)
 	}
-	checkEnded(t, "node A stream", sA, nodeA.ID, "token "+rec.ID)
-	checkEnded(t, "node B stream", sB, nodeB.ID, "token "+rec.ID)
 	want := serialsOf(append(env.iss.issuedTo(nodeA.ID), env.iss.issuedTo(nodeB.ID)...)...)
 	crl, _ := awaitCRL(t, env.testEnv, sO, false, names, func(c *x509.RevocationList) bool { return len(c.RevokedCertificateEntries) == len(want) })
-	if got := crlSerials(crl); len(want) != 4 || !slices.Equal(got, want) {
-		t.Errorf("CRL lists %v, want both certificates of A and B %v", got, want)
+	if got := crlSerials(crl); len(want) != 2 || !slices.Equal(got, want) {
+		t.Errorf("CRL lists %v, want the certificates of A and B %v", got, want)
 	}
 	if n := getNode(t, env.srv, nodeO.ID); n.Status != NodeActive {
 		t.Errorf("node of another token is %s", n.Status)
@@ -702,6 +722,9 @@ func TestRevokeToken(t *testing.T) {
 	out = TokenRevokeResponse{}
 	if code != http.StatusOK || json.Unmarshal([]byte(body), &out) != nil || len(out.RevokedNodes) != 0 {
 		t.Errorf("revoke token with nodes again: %d %s", code, body)
+	}
+	if code, body, _ := adminDo(t, h, "POST", "/v1/tokens/"+rec.ID+"/revoke?revoke_nodes=maybe", ""); code != http.StatusBadRequest || !strings.Contains(body, "revoke_nodes") {
+		t.Errorf("revoke_nodes=maybe: %d %s, want 400 naming the parameter", code, body)
 	}
 }
 

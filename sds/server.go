@@ -83,6 +83,9 @@ type Config struct {
 	CRLPeriod time.Duration
 	// Now is the clock; nil means time.Now.
 	Now func() time.Time
+	// Limits bound what clients can make the server hold (limits.go); zero
+	// fields take DefaultLimits.
+	Limits Limits
 }
 
 // Server is the xDS server. Create it with New, expose it with Serve.
@@ -109,10 +112,15 @@ type Server struct {
 	// revokerCRLFailedAt is when fetching the CRL of an issuer.Revoker last
 	// failed (UnixNano), zero once it succeeds: crlLoop retries it sooner.
 	revokerCRLFailedAt atomic.Int64
+	lim                *limitState // connection, stream and log limits (limits.go)
 
 	mu      sync.Mutex
 	streams map[int64]*streamState
 	live    map[string]*liveNode
+	// revokedTokens are the tokens revoked since the server started
+	// (tokenrevoke.go): a node bound after the revocation by a stream
+	// authenticated before it gets no certificate.
+	revokedTokens map[string]struct{}
 }
 
 // rootBundle is the current trust bundle, revocation list and the encoded
@@ -135,6 +143,7 @@ type streamState struct {
 	unknown  map[string]bool // names already reported as not served
 	pending  []sentCert      // responses carrying a certificate, not yet ACKed
 	end      func(error)     // ends the stream with a cause (endStreamWith)
+	names    streamNames     // names subscribed (delta), bounded by Limits
 }
 
 // liveNode is a node with its in-memory state: current certificate, open
@@ -148,9 +157,14 @@ type liveNode struct {
 	mu      sync.Mutex // serialises issuance
 	cur     atomic.Pointer[certState]
 	revoked atomic.Bool
+	// tokenRevoked is set when the token that admitted the node is
+	// revoked: it gets no further certificate (tokenrevoke.go).
+	tokenRevoked atomic.Bool
 
 	streams   int       // guarded by Server.mu
 	idleSince time.Time // when streams last dropped to 0; guarded by Server.mu
+	conns     connSet   // open connections by peer (shared.go); guarded by Server.mu
+	seen      lastSeen  // when last heard from (lastseen.go)
 
 	due       time.Time // guarded by scheduler.mu
 	heapIndex int       // position in the scheduler's heap, -1 if not scheduled
@@ -222,6 +236,7 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 	if cfg.DefaultPolicy == nil {
 		cfg.DefaultPolicy = authz.DenyAll()
 	}
+	cfg.Limits = cfg.Limits.WithDefaults()
 	s := &Server{
 		cfg:     cfg,
 		log:     cfg.Logger,
@@ -232,6 +247,7 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 		live:    make(map[string]*liveNode),
 		draw:    newSpreader(),
 	}
+	s.lim = newLimitState(s)
 	s.sched = newScheduler(cfg.Now, s.renew)
 	if err := s.SetPolicies(nil, cfg.DefaultPolicy); err != nil {
 		return nil, fmt.Errorf("default policy: %w", err)
@@ -249,6 +265,7 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 	go s.sched.run(ctx, cfg.RenewWorkers)
 	go s.refreshRootsLoop(ctx)
 	go s.crlLoop(ctx)
+	go s.runLimits(ctx)
 	return s, nil
 }
 
@@ -340,12 +357,14 @@ func (s *Server) Register(g *grpc.Server) {
 // Serve serves xDS over TLS on lis until ctx ends, then stops gracefully
 // (streams are cut after a grace period: Envoy reconnects elsewhere).
 func (s *Server) Serve(ctx context.Context, lis net.Listener, tlsConf *tls.Config) error {
-	g := grpc.NewServer(
-		grpc.Creds(credentials.NewTLS(tlsConf)),
-		grpc.KeepaliveParams(keepalive.ServerParameters{Time: 30 * time.Second, Timeout: 10 * time.Second}),
+	g := grpc.NewServer(append([]grpc.ServerOption{
+		grpc.Creds(handshakeLogger{credentials.NewTLS(tlsConf), s}),
+		// MaxConnectionIdle closes connections with no stream (limits.go).
+		grpc.KeepaliveParams(keepalive.ServerParameters{Time: 30 * time.Second, Timeout: 10 * time.Second, MaxConnectionIdle: s.cfg.Limits.IdleTimeout}),
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second, PermitWithoutStream: true}),
 		grpc.MaxConcurrentStreams(1024),
-	)
+	}, s.grpcLimitOptions()...)...)
+	lis = s.limitListener(lis)
 	s.Register(g)
 	done := make(chan struct{})
 	go func() {
@@ -399,8 +418,8 @@ func (s *Server) admit(st *streamState, claimed *core.Node) (*liveNode, error) {
 		}
 		now := s.now().UTC()
 		return &Node{ID: id, Service: tok.Service, Env: tok.Env, TokenID: tok.ID, ClaimedID: claimedID,
-			Status: NodeActive, FirstSeen: now, LastSeen: now}, nil
-	})
+			Status: NodeActive, FirstSeen: now, LastSeen: now, AdmittedAt: now}, nil
+	}, func(n *Node) (*Node, error) { return s.readmitIfAway(ctx, st, n) })
 	if err != nil {
 		return nil, err
 	}
@@ -412,9 +431,15 @@ func (s *Server) admit(st *streamState, claimed *core.Node) (*liveNode, error) {
 		s.log.Info("node admitted", "node_id", rec.ID, "service", rec.Service, "env", rec.Env, "token_id", rec.TokenID, "peer", st.peer)
 	}
 	ln := s.liveNodeFor(rec)
+	if ln.tokenRevoked.Load() {
+		return nil, tokenRevokedRefusal(rec.TokenID)
+	}
 	if err := s.ensureCertificate(ctx, ln); err != nil {
 		if errors.Is(err, ErrNodeRevoked) { // revoked while being admitted
 			return nil, &refusal{code: codes.PermissionDenied, reason: "node_revoked", msg: fmt.Sprintf("node %s has been revoked", rec.ID)}
+		}
+		if errors.Is(err, ErrTokenRevoked) {
+			return nil, tokenRevokedRefusal(rec.TokenID)
 		}
 		return nil, &refusal{code: codes.Unavailable, reason: "", msg: fmt.Sprintf("no certificate for node %s yet: %v", rec.ID, err)}
 	}
@@ -430,6 +455,9 @@ func (s *Server) liveNodeFor(rec *Node) *liveNode {
 		ln = &liveNode{rec: *rec, heapIndex: -1, idleSince: s.now(), identity: issuer.Identity{
 			TrustDomain: s.cfg.TrustDomain, Env: rec.Env, Service: rec.Service, NodeID: rec.ID,
 		}}
+		if _, ok := s.revokedTokens[rec.TokenID]; ok {
+			ln.tokenRevoked.Store(true)
+		}
 		s.live[rec.ID] = ln
 		s.cache.set(rec.ID, xdsres.SecretType, map[string]*resource{SecretRootCA: s.rootCA.Load().res})
 		s.cache.set(rec.ID, xdsres.ExtensionConfigType, map[string]*resource{
@@ -512,7 +540,7 @@ func (s *Server) renew(ctx context.Context, ln *liveNode) {
 	ictx, cancel := context.WithTimeout(ctx, s.cfg.IssueTimeout)
 	err := s.issueLocked(ictx, ln)
 	cancel()
-	if err == nil || ctx.Err() != nil || errors.Is(err, ErrNodeRevoked) {
+	if err == nil || ctx.Err() != nil || errors.Is(err, ErrNodeRevoked) || errors.Is(err, ErrTokenRevoked) {
 		return
 	}
 	ln.hmu.Lock()
@@ -540,6 +568,9 @@ func (s *Server) renew(ctx context.Context, ln *liveNode) {
 func (s *Server) issueLocked(ctx context.Context, ln *liveNode) error {
 	if ln.revoked.Load() {
 		return fmt.Errorf("node %s: %w", ln.identity.NodeID, ErrNodeRevoked)
+	}
+	if ln.tokenRevoked.Load() {
+		return fmt.Errorf("node %s: %w", ln.identity.NodeID, ErrTokenRevoked)
 	}
 	start := time.Now()
 	cert, keyPEM, err := s.mint(ctx, ln.identity)
@@ -599,6 +630,10 @@ func (s *Server) issueLocked(ctx context.Context, ln *liveNode) error {
 		return fmt.Errorf("node %s: %w", ln.identity.NodeID, ErrNodeRevoked)
 	} else if err != nil {
 		s.log.Warn("could not record issued certificate", "node_id", ln.identity.NodeID, "error", err)
+	}
+	if ln.tokenRevoked.Load() { // the token was revoked during issuance
+		s.log.Warn("certificate discarded: token revoked during issuance", "node_id", ln.identity.NodeID, "serial", serial)
+		return fmt.Errorf("node %s: %w", ln.identity.NodeID, ErrTokenRevoked)
 	}
 	ln.cur.Store(cs)
 	ln.hmu.Lock()
@@ -691,17 +726,19 @@ func serialHex(c *x509.Certificate) string { return fmt.Sprintf("%x", c.SerialNu
 // NodeList returns every node in the registry, oldest first.
 func (s *Server) NodeList(ctx context.Context) ([]Node, error) { return s.nodes.list(ctx) }
 
-// Ready reports whether the server can serve: it has a trust bundle, and no
+// Ready reports whether the server can serve: it has a trust bundle, no
 // connected node is within 10 % of its certificate's expiry while its
-// renewal keeps failing.
+// renewal keeps failing, and the revocation list is not near its end. The
+// error joins every reason (errors.Join), which GET /v1/status lists.
 func (s *Server) Ready(context.Context) error {
 	if b := s.rootCA.Load(); b == nil || len(b.roots) == 0 {
 		return errors.New("no trust bundle loaded")
 	}
+	var errs []error
 	if n := s.nodesAtRisk(); n > 0 {
-		return fmt.Errorf("%d node(s) within 10%% of certificate expiry with renewal failing", n)
+		errs = append(errs, fmt.Errorf("%d node(s) within 10%% of certificate expiry with renewal failing", n))
 	}
-	return s.crlAtRisk()
+	return errors.Join(append(errs, s.crlAtRisk())...)
 }
 
 // connectedNodes returns the nodes with at least one open stream.

@@ -136,6 +136,15 @@ type envOptions struct {
 	issueTimeout time.Duration // zero: the server's default
 	renewWorkers int           // zero: the server's default
 	renewWindow  RenewWindow   // zero: the server's default
+	limits       Limits        // zero fields: DefaultLimits
+	logInfo      bool          // log at info; false: at debug
+}
+
+func logLevel(info bool) slog.Level {
+	if info {
+		return slog.LevelInfo
+	}
+	return slog.LevelDebug
 }
 
 // newTestEnv is newTestEnvWith with the default options.
@@ -192,8 +201,9 @@ func newTestEnvWith(t *testing.T, o envOptions) *testEnv {
 		Tokens:       env.reg,
 		Store:        env.kv,
 		Metrics:      env.metrics,
-		Logger:       slog.New(slog.NewTextHandler(env.logs, &slog.HandlerOptions{Level: slog.LevelDebug})),
+		Logger:       slog.New(slog.NewTextHandler(env.logs, &slog.HandlerOptions{Level: logLevel(o.logInfo)})),
 		Now:          env.clock.Now,
+		Limits:       o.limits,
 	})
 	if err != nil {
 		cancel()

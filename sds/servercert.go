@@ -58,6 +58,15 @@ func (s *ServingCert) GetCertificate(*tls.ClientHelloInfo) (*tls.Certificate, er
 	return s.cert, nil
 }
 
+// RenewSoon makes the next handshake replace the certificate: the CA that
+// signed it was replaced (its intermediate renewed), and the listener must
+// move to the new one long before the old one expires.
+func (s *ServingCert) RenewSoon() {
+	s.mu.Lock()
+	s.renewAt = time.Time{}
+	s.mu.Unlock()
+}
+
 // TLSConfig returns the server TLS configuration of the SDS listener:
 // TLS 1.2 at least (1.3 preferred by Go), HTTP/2 ALPN for gRPC.
 func (s *ServingCert) TLSConfig() *tls.Config {

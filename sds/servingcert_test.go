@@ -108,3 +108,29 @@ func TestServingCertTLSConfig(t *testing.T) {
 		t.Errorf("TLS config: min version %x, ALPN %v", c.MinVersion, c.NextProtos)
 	}
 }
+
+func TestServingCertRenewSoon(t *testing.T) {
+	clock := &testClock{}
+	f := &fakeIssuer{now: clock.Now, ttl: time.Hour}
+	sc, err := NewServingCert(f.issue, clock.Now)
+	if err != nil {
+		t.Fatal(err)
+	}
+	serial := func() int64 {
+		c, err := sc.GetCertificate(nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return c.Leaf.SerialNumber.Int64()
+	}
+	if got := serial(); got != 1 {
+		t.Fatalf("serial %d, want 1", got)
+	}
+	sc.RenewSoon()
+	if got := serial(); got != 2 {
+		t.Errorf("after RenewSoon: serial %d, want 2 (renewed at the next handshake)", got)
+	}
+	if got := serial(); got != 2 {
+		t.Errorf("renewed again: serial %d, want 2", got)
+	}
+}

@@ -12,6 +12,7 @@ import (
 	"github.com/spf13/viper"
 
 	"github.com/meshid/sds-server/issuer"
+	"github.com/meshid/sds-server/issuer/local"
 	"github.com/meshid/sds-server/sds"
 )
 
@@ -34,6 +35,8 @@ type config struct {
 	LogLevel    string   `mapstructure:"log_level"`
 	// CA chooses and configures the certificate authority backend.
 	CA caConfig `mapstructure:"ca"`
+	// Limits bound what clients can make the server hold (limits.go).
+	Limits limitsConfig `mapstructure:"limits"`
 }
 
 // caConfig is the ca.* keys (env SDS_CA_*): the built-in CA (local, the
@@ -46,6 +49,11 @@ type caConfig struct {
 	Provisioner     string `mapstructure:"provisioner"`
 	KeyFile         string `mapstructure:"key_file"`
 	PasswordFile    string `mapstructure:"password_file"`
+	// IntermediateTTL and IntermediateRenewBefore drive the built-in CA's
+	// intermediate renewal (lifetime of each new one; fraction of its life
+	// left when its successor is made).
+	IntermediateTTL         time.Duration `mapstructure:"intermediate_ttl"`
+	IntermediateRenewBefore float64       `mapstructure:"intermediate_renew_before"`
 }
 
 // CA backends.
@@ -71,13 +79,15 @@ var defaults = map[string]any{
 	"server_names":    []string{"localhost", "127.0.0.1", "::1"},
 	"log_level":       "info",
 	// Nested keys need defaults too, or SDS_CA_* would go unseen.
-	"ca.backend":          backendLocal,
-	"ca.url":              "",
-	"ca.root_fingerprint": "",
-	"ca.root_file":        "",
-	"ca.provisioner":      "",
-	"ca.key_file":         "",
-	"ca.password_file":    "",
+	"ca.backend":                   backendLocal,
+	"ca.url":                       "",
+	"ca.root_fingerprint":          "",
+	"ca.root_file":                 "",
+	"ca.provisioner":               "",
+	"ca.key_file":                  "",
+	"ca.password_file":             "",
+	"ca.intermediate_ttl":          local.DefaultIntermediateTTL,
+	"ca.intermediate_renew_before": local.DefaultIntermediateRenewBefore,
 }
 
 // flagKeys maps flag names to config keys, for binding.
@@ -113,6 +123,9 @@ func loadConfig(cmd *cobra.Command) (*config, error) {
 	for k, d := range defaults {
 		v.SetDefault(k, d)
 	}
+	for k, d := range limitDefaults() {
+		v.SetDefault(k, d)
+	}
 	v.SetEnvPrefix("SDS")
 	v.SetEnvKeyReplacer(strings.NewReplacer(".", "_"))
 	v.AutomaticEnv()
@@ -128,6 +141,9 @@ func loadConfig(cmd *cobra.Command) (*config, error) {
 	bind(cmd.InheritedFlags())
 	if bindErr != nil {
 		return nil, bindErr
+	}
+	if err := checkEmptyEnv(v, cmd.Flags(), cmd.InheritedFlags()); err != nil {
+		return nil, err
 	}
 	if path, _ := cmd.Flags().GetString("config"); path != "" {
 		v.SetConfigFile(path)
@@ -174,13 +190,16 @@ func (c *config) validate() error {
 	if c.ListenAddr == "" {
 		return errors.New("listen_addr is empty")
 	}
-	return c.CA.validate()
+	if err := c.Limits.validate(); err != nil {
+		return err
+	}
+	return c.CA.validate(c.AllowShortTTL)
 }
 
-func (c *caConfig) validate() error {
+func (c *caConfig) validate(allowShortTTL bool) error {
 	switch c.Backend {
 	case backendLocal:
-		return nil
+		return local.ValidateLifecycle(c.IntermediateTTL, c.IntermediateRenewBefore, allowShortTTL)
 	case backendStepCA:
 	default:
 		return fmt.Errorf("ca.backend %q: use %s (the built-in CA) or %s", c.Backend, backendLocal, backendStepCA)

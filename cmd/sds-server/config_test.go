@@ -309,6 +309,17 @@ func TestConfigValidate(t *testing.T) {
 		{name: "empty trust domain", mod: func(c *config) { c.TrustDomain = "" }, wantErr: []string{"trust_domain"}},
 		{name: "empty data dir", mod: func(c *config) { c.DataDir = "" }, wantErr: []string{"data_dir"}},
 		{name: "empty listen addr", mod: func(c *config) { c.ListenAddr = "" }, wantErr: []string{"listen_addr"}},
+		{name: "default intermediate lifecycle", mod: func(c *config) {
+			if c.CA.IntermediateTTL != 8760*time.Hour || c.CA.IntermediateRenewBefore != 1.0/3 {
+				t.Errorf("defaults: ca.intermediate_ttl %s, ca.intermediate_renew_before %g; want 8760h, 1/3", c.CA.IntermediateTTL, c.CA.IntermediateRenewBefore)
+			}
+		}},
+		{name: "short intermediate ttl refused", mod: func(c *config) { c.CA.IntermediateTTL = 90 * time.Second }, wantErr: []string{"ca.intermediate_ttl", "allow_short_ttl"}},
+		{name: "short intermediate ttl allowed", mod: func(c *config) { c.CA.IntermediateTTL, c.AllowShortTTL = 90*time.Second, true }},
+		{name: "intermediate renew before out of range", mod: func(c *config) { c.CA.IntermediateRenewBefore = 1.5 }, wantErr: []string{"ca.intermediate_renew_before"}},
+		{name: "intermediate keys unused by step-ca", mod: func(c *config) {
+			c.CA = caConfig{Backend: backendStepCA, URL: "https://127.0.0.1:9000", Provisioner: "p", KeyFile: "k", RootFile: "r"}
+		}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -328,6 +339,123 @@ func TestConfigValidate(t *testing.T) {
 				if !strings.Contains(err.Error(), w) {
 					t.Errorf("error %q does not mention %q", err, w)
 				}
+			}
+		})
+	}
+}
+
+// TestLoadConfigEmptyEnv covers every key with its SDS_* variable set to "":
+// keys with a documented empty meaning take it (over the file's value, as
+// any env value does); every other key is refused with a message naming the
+// variable, unless a flag overrides it.
+func TestLoadConfigEmptyEnv(t *testing.T) {
+	dir := t.TempDir()
+	file := writeFile(t, filepath.Join(dir, "sds.yaml"), `
+data_dir: /file/data
+metrics_addr: 127.0.0.1:9001
+admin_socket: /file/admin.sock
+policy_dir: /file/policies
+ca:
+  url: https://ca.example:9000
+`)
+	type row struct {
+		name    string
+		args    []string
+		env     map[string]string
+		check   func(*config) string // "" when fine
+		wantErr []string
+	}
+	tests := []row{
+		{
+			name: "empty SDS_METRICS_ADDR disables metrics",
+			args: []string{"serve"}, env: map[string]string{"SDS_METRICS_ADDR": ""},
+			check: func(c *config) string {
+				if c.MetricsAddr != "" {
+					return "metrics_addr " + c.MetricsAddr + ", want empty (disabled)"
+				}
+				return ""
+			},
+		},
+		{
+			name: "empty SDS_METRICS_ADDR over the file's address",
+			args: []string{"serve", "--config", file}, env: map[string]string{"SDS_METRICS_ADDR": ""},
+			check: func(c *config) string {
+				if c.MetricsAddr != "" {
+					return "metrics_addr " + c.MetricsAddr + ", want empty (disabled)"
+				}
+				return ""
+			},
+		},
+		{
+			name: "empty derived paths mean their defaults under data_dir",
+			args: []string{"serve", "--config", file}, env: map[string]string{"SDS_ADMIN_SOCKET": "", "SDS_POLICY_DIR": ""},
+			check: func(c *config) string {
+				if c.AdminSocket != "/file/data/admin.sock" || c.PolicyDir != "/file/data/policies" {
+					return "admin_socket " + c.AdminSocket + ", policy_dir " + c.PolicyDir + ", want the defaults under /file/data"
+				}
+				return ""
+			},
+		},
+		{
+			name: "empty ca.url is not set",
+			args: []string{"serve", "--config", file}, env: map[string]string{"SDS_CA_URL": ""},
+			check: func(c *config) string {
+				if c.CA.URL != "" {
+					return "ca.url " + c.CA.URL + ", want empty"
+				}
+				return ""
+			},
+		},
+		{
+			name: "a flag overrides an empty variable",
+			args: []string{"serve", "--log-level", "debug", "--cert-ttl", "2h"}, env: map[string]string{"SDS_LOG_LEVEL": "", "SDS_CERT_TTL": ""},
+			check: func(c *config) string {
+				if c.LogLevel != "debug" || c.CertTTL != 2*time.Hour {
+					return "log_level " + c.LogLevel + ", cert_ttl " + c.CertTTL.String() + ", want debug and 2h"
+				}
+				return ""
+			},
+		},
+		{
+			name: "empty variable of a client command", args: []string{"token", "list"},
+			env: map[string]string{"SDS_DATA_DIR": ""}, wantErr: []string{"SDS_DATA_DIR is set but empty", "./data"},
+		},
+	}
+	// Every key without an empty meaning, including the limits.
+	for _, keys := range []map[string]any{defaults, limitDefaults()} {
+		for key := range keys {
+			if _, ok := emptyMeans[key]; ok {
+				continue
+			}
+			tests = append(tests, row{
+				name: "empty " + envName(key) + " refused", args: []string{"serve"},
+				env: map[string]string{envName(key): ""}, wantErr: []string{envName(key) + " is set but empty", key + "'s default"},
+			})
+		}
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			clearSDSEnv(t)
+			for k, v := range tt.env {
+				t.Setenv(k, v)
+			}
+			got, err := loadVia(t, tt.args...)
+			if len(tt.wantErr) > 0 {
+				if err == nil {
+					t.Fatalf("loadConfig accepted %+v, want an error", *got)
+				}
+				for _, w := range tt.wantErr {
+					if !strings.Contains(err.Error(), w) {
+						t.Errorf("error %q does not mention %q", err, w)
+					}
+				}
+				return
+			}
+			if err != nil {
+				t.Fatalf("loadConfig: %v", err)
+			}
+			if msg := tt.check(got); msg != "" {
+				t.Error(msg)
 			}
 		})
 	}

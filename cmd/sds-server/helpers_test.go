@@ -35,7 +35,8 @@ func clearSDSEnv(t *testing.T) {
 	t.Helper()
 	for _, kv := range os.Environ() {
 		if name, _, _ := strings.Cut(kv, "="); strings.HasPrefix(name, "SDS_") {
-			t.Setenv(name, "")
+			t.Setenv(name, "") // restored after the test
+			os.Unsetenv(name)  // unset, not empty: an empty SDS_* value is a value
 		}
 	}
 }

@@ -19,7 +19,8 @@ import (
 // version is set at build time with -ldflags "-X main.version=...".
 var version = "dev"
 
-// usageError marks a command-line usage mistake: exit code 2.
+// usageError marks a command-line usage mistake: exit code 2, and a pointer
+// to the --help of the command that was run.
 type usageError struct{ err error }
 
 func (e usageError) Error() string { return e.err.Error() }
@@ -37,14 +38,18 @@ func main() {
 func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	root := newRootCommand(stdout, stderr)
 	root.SetArgs(args)
-	err := root.ExecuteContext(ctx)
+	cmd, err := root.ExecuteContextC(ctx)
 	if err == nil {
 		return 0
 	}
 	fmt.Fprintln(stderr, "sds-server: "+oneLine(err.Error()))
 	var ue usageError
 	if errors.As(err, &ue) {
-		fmt.Fprintln(stderr, "Run 'sds-server --help' for usage.")
+		path := root.CommandPath()
+		if cmd != nil {
+			path = cmd.CommandPath()
+		}
+		fmt.Fprintf(stderr, "Run '%s --help' for usage.\n", path)
 		return 2
 	}
 	return 1
@@ -78,13 +83,9 @@ func newRootCommand(stdout, stderr io.Writer) *cobra.Command {
 		newNodeCommand(),
 		newBootstrapCommand(),
 		newACLCommand(),
-		&cobra.Command{
-			Use:   "version",
-			Short: "Print the version",
-			Args:  cobra.NoArgs,
-			Run:   func(cmd *cobra.Command, _ []string) { fmt.Fprintln(cmd.OutOrStdout(), "sds-server", version) },
-		},
+		newStatusCommand(),
 	)
+	addVersion(root)
 	// Argument-count mistakes are usage errors too.
 	for _, c := range allCommands(root) {
 		// Cobra skips the Args check of a command that cannot run and

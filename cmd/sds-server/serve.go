@@ -108,14 +108,21 @@ func serve(ctx context.Context, cfg *config, stdout, stderr io.Writer) error {
 	if err := prepareDataDir(cfg.DataDir); err != nil {
 		return err
 	}
+	if err := securePermissions(log, cfg.DataDir); err != nil {
+		return err
+	}
 	kv, err := store.OpenBolt(filepath.Join(cfg.DataDir, "state.db"))
 	if err != nil {
 		return err
 	}
 	defer kv.Close()
-	ca, caDesc, err := openIssuer(ctx, cfg)
+	lifecycle := newCALifecycle(log)
+	ca, caDesc, err := openIssuer(ctx, cfg, log, lifecycle.observe)
 	if err != nil {
 		return err
+	}
+	if l, ok := ca.(*local.CA); ok {
+		warnTrustDomainChange(log, l.Root(), filepath.Join(cfg.DataDir, "ca"), cfg.TrustDomain)
 	}
 
 	window, err := sds.ParseRenewWindow(cfg.RenewWindow)
@@ -129,7 +136,9 @@ func serve(ctx context.Context, cfg *config, stdout, stderr io.Writer) error {
 		}
 	}
 	reg := prometheus.NewRegistry()
-	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}), sds.BuildInfo(version))
+	limits := cfg.Limits.sds()
+	limits.MaxConnections = fitConnections(limits.MaxConnections, log)
 	srv, err := sds.New(ctx, sds.Config{
 		TrustDomain:   cfg.TrustDomain,
 		CertTTL:       cfg.CertTTL,
@@ -141,6 +150,7 @@ func serve(ctx context.Context, cfg *config, stdout, stderr io.Writer) error {
 		Store:         kv,
 		Metrics:       sds.NewMetrics(reg),
 		Logger:        log,
+		Limits:        limits,
 	})
 	if err != nil {
 		return err
@@ -153,6 +163,11 @@ func serve(ctx context.Context, cfg *config, stdout, stderr io.Writer) error {
 	}, nil)
 	if err != nil {
 		return err
+	}
+	localCA, isLocal := ca.(*local.CA)
+	if isLocal {
+		reg.MustRegister(lifecycle.renewals)
+		lifecycle.srv, lifecycle.servingCert = srv, servingCert
 	}
 
 	sdsLis, err := net.Listen("tcp", cfg.ListenAddr)
@@ -175,6 +190,9 @@ func serve(ctx context.Context, cfg *config, stdout, stderr io.Writer) error {
 
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
+	if isLocal {
+		go localCA.Run(ctx) // the intermediate renews itself (califecycle.go)
+	}
 	errc := make(chan error, 3)
 	go func() { errc <- srv.Serve(ctx, sdsLis, servingCert.TLSConfig()) }()
 	go func() { errc <- serveHTTP(ctx, adminLis, srv.AdminHandler()) }()
@@ -221,12 +239,16 @@ type certAuthority interface {
 	ServerCertificate(hosts []string, ttl time.Duration) (tls.Certificate, error)
 }
 
-// openIssuer opens the configured CA backend and describes it in a line.
-func openIssuer(ctx context.Context, cfg *config) (certAuthority, string, error) {
+// openIssuer opens the configured CA backend and describes it in a line;
+// waits for step-ca are logged to log, and the built-in CA logs its
+// lifecycle there and reports it to observe.
+func openIssuer(ctx context.Context, cfg *config, log *slog.Logger, observe func(local.Event)) (certAuthority, string, error) {
 	if cfg.CA.Backend == backendStepCA {
 		c := cfg.CA
+		log.Info("connecting to step-ca", "url", c.URL, "provisioner", c.Provisioner)
 		ca, err := stepca.Open(ctx, stepca.Options{
-			URL: c.URL, RootFingerprint: c.RootFingerprint, RootFile: c.RootFile,
+			Logger: log,
+			URL:    c.URL, RootFingerprint: c.RootFingerprint, RootFile: c.RootFile,
 			Provisioner: c.Provisioner, KeyFile: c.KeyFile, PasswordFile: c.PasswordFile,
 			TrustDomain: cfg.TrustDomain, TTL: cfg.CertTTL, AllowShortTTL: cfg.AllowShortTTL,
 		})
@@ -236,7 +258,9 @@ func openIssuer(ctx context.Context, cfg *config) (certAuthority, string, error)
 		return ca, fmt.Sprintf("CA: step-ca at %s, provisioner %s, root sha256 %x", c.URL, c.Provisioner, sha256.Sum256(ca.Root().Raw)), nil
 	}
 	dir := filepath.Join(cfg.DataDir, "ca")
-	ca, err := local.Open(ctx, dir, local.Options{TrustDomain: cfg.TrustDomain, AllowShortTTL: cfg.AllowShortTTL})
+	ca, err := local.Open(ctx, dir, local.Options{TrustDomain: cfg.TrustDomain, AllowShortTTL: cfg.AllowShortTTL,
+		IntermediateTTL: cfg.CA.IntermediateTTL, IntermediateRenewBefore: cfg.CA.IntermediateRenewBefore,
+		Logger: log, Observe: observe})
 	if err != nil {
 		return nil, "", err
 	}

@@ -185,6 +185,28 @@ func TestServeStartsAndRestartsWithTheSameCA(t *testing.T) {
 	if strings.Contains(cr.stderr, tok.Secret) || !strings.Contains(cr.stderr, tok.ID()) {
 		t.Errorf("token create stderr %q: want the token ID and never the secret", cr.stderr)
 	}
+	// --uses defaults to 1; 0 asks for unlimited uses.
+	for _, tc := range []struct {
+		args       []string
+		said, list string
+	}{
+		{nil, "1 use(s)", "0/1"},
+		{[]string{"--uses", "0"}, "unlimited uses", "0/unlimited"},
+		{[]string{"--uses", "3"}, "3 use(s)", "0/3"},
+	} {
+		r := runCLI(t, append([]string{"token", "create", "--service", "api", "--data-dir", dataDir}, tc.args...)...)
+		id, _, _ := strings.Cut(strings.TrimPrefix(r.stderr, "token "), " ")
+		l := runCLI(t, "token", "list", "--data-dir", dataDir)
+		line := ""
+		for _, ln := range strings.Split(l.stdout, "\n") {
+			if strings.HasPrefix(ln, id+" ") {
+				line = ln
+			}
+		}
+		if r.code != 0 || !strings.Contains(r.stderr, tc.said) || !strings.Contains(line, " "+tc.list+" ") {
+			t.Errorf("token create %v: exit %d, stderr %q, listed as %q; want %q and uses %q", tc.args, r.code, r.stderr, line, tc.said, tc.list)
+		}
+	}
 	lr := runCLI(t, "token", "list", "--data-dir", dataDir)
 	if lr.code != 0 || !strings.Contains(lr.stdout, tok.ID()) || !strings.Contains(lr.stdout, "default/web") || strings.Contains(lr.stdout, tok.Secret) {
 		t.Errorf("token list: exit %d, stdout %q; want the token's ID and identity, not its secret\nstderr: %s", lr.code, lr.stdout, lr.stderr)

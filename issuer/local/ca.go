@@ -17,11 +17,15 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"log/slog"
 	"math/big"
 	"os"
 	"path/filepath"
 	"runtime"
+	"strconv"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/meshid/sds-server/issuer"
@@ -35,10 +39,22 @@ const (
 	IntermediateKeyFile  = "intermediate.key"
 )
 
-// Lifetimes of the CA certificates created by Open.
+// rootYears is the lifetime of a root created by Open.
+const rootYears = 10
+
+// Defaults of the intermediate's lifecycle (Options).
 const (
-	rootYears         = 10
-	intermediateYears = 1
+	// DefaultIntermediateTTL is the lifetime of a new intermediate: a year.
+	DefaultIntermediateTTL = 8760 * time.Hour
+	// DefaultIntermediateRenewBefore is the part of an intermediate's life
+	// still left when its successor is made: a third.
+	DefaultIntermediateRenewBefore = 1.0 / 3
+	// MinIntermediateTTL is the shortest intermediate lifetime accepted
+	// without AllowShortTTL.
+	MinIntermediateTTL = 24 * time.Hour
+	// minShortIntermediateTTL is the shortest accepted even with
+	// AllowShortTTL (tests, demos).
+	minShortIntermediateTTL = 30 * time.Second
 )
 
 // Options configures the built-in CA.
@@ -49,21 +65,62 @@ type Options struct {
 	TrustDomain string
 	// Now is the clock; nil means time.Now. Tests pin it.
 	Now func() time.Time
-	// AllowShortTTL accepts lifetimes shorter than issuer.MinTTL (tests, demos).
+	// AllowShortTTL accepts lifetimes shorter than issuer.MinTTL, and
+	// intermediate lifetimes shorter than MinIntermediateTTL (tests, demos).
 	AllowShortTTL bool
+	// IntermediateTTL is the lifetime of each new intermediate (cut short
+	// at the root's expiry); zero means DefaultIntermediateTTL.
+	IntermediateTTL time.Duration
+	// IntermediateRenewBefore is the fraction of an intermediate's lifetime
+	// still left when its successor is made, in (0, 1); zero means
+	// DefaultIntermediateRenewBefore.
+	IntermediateRenewBefore float64
+	// Logger receives the lifecycle log lines; nil discards them.
+	Logger *slog.Logger
+	// Observe, if set, is called after every lifecycle change is on disk
+	// and in force (and after every failed renewal), from the goroutine
+	// that made it. The SDS server uses it to publish the revocation lists
+	// at once, move its own certificate and count renewals.
+	Observe func(Event)
 }
 
-// CA is the built-in certificate authority. Its key material is immutable
-// after Open, so every method is safe for concurrent use without locking.
+// ValidateLifecycle checks the intermediate lifetime and renewal point,
+// with an error naming the configuration key at fault.
+func ValidateLifecycle(ttl time.Duration, renewBefore float64, allowShort bool) error {
+	switch {
+	case ttl < minShortIntermediateTTL:
+		return fmt.Errorf("ca.intermediate_ttl %s: want at least %s", ttl, minShortIntermediateTTL)
+	case ttl < MinIntermediateTTL && !allowShort:
+		return fmt.Errorf("ca.intermediate_ttl %s is shorter than %s; set allow_short_ttl: true to allow it (tests and demos only)", ttl, MinIntermediateTTL)
+	case !(renewBefore > 0 && renewBefore < 1):
+		return fmt.Errorf("ca.intermediate_renew_before %g: want a fraction of the intermediate's lifetime between 0 and 1 (default 0.333: renew when a third of it is left)", renewBefore)
+	}
+	return nil
+}
+
+// CA is the built-in certificate authority. What it signs with is an
+// immutable snapshot (signerState) behind an atomic pointer, replaced whole
+// when the intermediate renews, so every method is safe for concurrent use
+// and signing never waits for a lock.
 type CA struct {
 	trustDomain   string
 	now           func() time.Time
 	allowShortTTL bool
+	interTTL      time.Duration
+	renewBefore   float64
+	log           *slog.Logger
+	observe       func(Event)
+	disk          diskWriter
 
-	root     *x509.Certificate
-	inter    *x509.Certificate
-	interKey crypto.Signer
-	interPEM []byte // PEM of inter, appended to every issued chain
+	state atomic.Pointer[signerState]
+	// published records when a revocation list signed by the staged
+	// intermediate was first signed (SignCRL): the staged one signs
+	// certificates only some time after that.
+	published atomic.Pointer[publication]
+	// kick wakes Run when something it waits for happened.
+	kick chan struct{}
+	// renewMu serialises lifecycle changes (never held while signing).
+	renewMu sync.Mutex
 }
 
 var _ issuer.Issuer = (*CA)(nil)
@@ -72,6 +129,9 @@ var _ issuer.Issuer = (*CA)(nil)
 // its files. A CA that is only partly present, unreadable or inconsistent is
 // an error naming the file at fault: Open never replaces an existing CA,
 // since that would silently invalidate every certificate of the mesh.
+//
+// An expired intermediate is renewed at once (under the same root); Open
+// fails, saying why, only if that is impossible.
 func Open(ctx context.Context, dir string, opts Options) (*CA, error) {
 	if err := ctx.Err(); err != nil {
 		return nil, err
@@ -81,6 +141,37 @@ func Open(ctx context.Context, dir string, opts Options) (*CA, error) {
 	}
 	if opts.Now == nil {
 		opts.Now = time.Now
+	}
+	if opts.IntermediateTTL == 0 {
+		opts.IntermediateTTL = DefaultIntermediateTTL
+	}
+	if opts.IntermediateRenewBefore == 0 {
+		opts.IntermediateRenewBefore = DefaultIntermediateRenewBefore
+	}
+	if err := ValidateLifecycle(opts.IntermediateTTL, opts.IntermediateRenewBefore, opts.AllowShortTTL); err != nil {
+		return nil, fmt.Errorf("open CA: %w", err)
+	}
+	ca := newCA(opts, dir)
+	st, err := ca.openState(dir)
+	if err != nil {
+		return nil, err
+	}
+	ca.state.Store(st)
+	if err := ca.renewExpired(ctx); err != nil {
+		return nil, err
+	}
+	return ca, nil
+}
+
+// openState loads the CA's state from dir: the state file if there is one,
+// else the first layout's four files, else a new CA.
+func (ca *CA) openState(dir string) (*signerState, error) {
+	sf, ok, err := readState(dir)
+	if err != nil {
+		return nil, err
+	}
+	if ok {
+		return loadState(dir, sf)
 	}
 	var present, missing []string
 	for _, name := range []string{RootCertFile, RootKeyFile, IntermediateCertFile, IntermediateKeyFile} {
@@ -96,87 +187,121 @@ func Open(ctx context.Context, dir string, opts Options) (*CA, error) {
 	}
 	switch {
 	case len(present) == 0:
-		return create(dir, opts)
+		return ca.create(dir)
 	case len(missing) > 0:
 		return nil, fmt.Errorf("load CA: %s: missing, but %s exist: restore the missing files from a backup, or move %s away to create a new CA (every issued certificate will then be untrusted)",
 			strings.Join(missing, ", "), strings.Join(present, ", "), dir)
 	}
-	return load(dir, opts)
+	return loadState(dir, legacyState())
 }
 
-// Root returns the root certificate: the mesh trust anchor. Callers must not
-// modify it.
-func (ca *CA) Root() *x509.Certificate { return ca.root }
+// Root returns the root certificate that signs the intermediates: the mesh
+// trust anchor. Callers must not modify it.
+func (ca *CA) Root() *x509.Certificate { return ca.state.Load().active.root.cert }
 
-// Intermediate returns the certificate that signs workload certificates.
-// Callers must not modify it.
-func (ca *CA) Intermediate() *x509.Certificate { return ca.inter }
+// Intermediate returns the certificate that signs workload certificates
+// now. Callers must not modify it.
+func (ca *CA) Intermediate() *x509.Certificate { return ca.state.Load().active.cert }
 
-// IntermediateNotAfter returns when the intermediate expires. Issued
-// certificates never outlive it, so an operator (or, later, rotation) must
-// replace it well before then.
-func (ca *CA) IntermediateNotAfter() time.Time { return ca.inter.NotAfter }
+// IntermediateNotAfter returns when the intermediate that signs now
+// expires. Issued certificates never outlive it; it is renewed well before.
+func (ca *CA) IntermediateNotAfter() time.Time { return ca.state.Load().active.cert.NotAfter }
 
 // Roots returns the trust bundle, the root alone. It implements
 // issuer.Issuer and never blocks.
 func (ca *CA) Roots(context.Context) ([]*x509.Certificate, error) {
-	return []*x509.Certificate{ca.root}, nil
+	return ca.state.Load().rootCerts(), nil
 }
 
-func newCA(opts Options, root, inter *x509.Certificate, interKey crypto.Signer) *CA {
+func newCA(opts Options, dir string) *CA {
+	log := opts.Logger
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
 	return &CA{
 		trustDomain:   opts.TrustDomain,
 		now:           opts.Now,
 		allowShortTTL: opts.AllowShortTTL,
-		root:          root,
-		inter:         inter,
-		interKey:      interKey,
-		interPEM:      pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: inter.Raw}),
+		interTTL:      opts.IntermediateTTL,
+		renewBefore:   opts.IntermediateRenewBefore,
+		log:           log,
+		observe:       opts.Observe,
+		disk:          diskWriter{dir: dir},
+		kick:          make(chan struct{}, 1),
 	}
 }
 
-// create makes a new root and intermediate and stores them in dir.
-func create(dir string, opts Options) (*CA, error) {
-	now := opts.Now().Truncate(time.Second)
+// create makes a new root and intermediate and stores them in dir, in the
+// first layout (no state file until the first renewal).
+func (ca *CA) create(dir string) (*signerState, error) {
+	now := ca.now().Truncate(time.Second)
 	rootKey, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
 		return nil, fmt.Errorf("create CA: generate root key: %w", err)
 	}
-	interKey, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		return nil, fmt.Errorf("create CA: generate intermediate key: %w", err)
-	}
-	rootTmpl := caTemplate("sds-server root CA", opts.TrustDomain, now, now.AddDate(rootYears, 0, 0))
+	rootTmpl := caTemplate("sds-server root CA", ca.trustDomain, now, now.AddDate(rootYears, 0, 0))
 	rootTmpl.MaxPathLen = 1
 	root, err := sign(rootTmpl, rootTmpl, rootKey.Public(), rootKey)
 	if err != nil {
 		return nil, fmt.Errorf("create CA: root certificate: %w", err)
 	}
-	interTmpl := caTemplate("sds-server intermediate CA", opts.TrustDomain, now, now.AddDate(intermediateYears, 0, 0))
-	interTmpl.MaxPathLen, interTmpl.MaxPathLenZero = 0, true
-	inter, err := sign(interTmpl, root, interKey.Public(), rootKey)
-	if err != nil {
-		return nil, fmt.Errorf("create CA: intermediate certificate: %w", err)
-	}
-
 	rootKeyDER, err := x509.MarshalPKCS8PrivateKey(rootKey)
 	if err != nil {
 		return nil, fmt.Errorf("create CA: encode root key: %w", err)
 	}
-	interKeyDER, err := x509.MarshalPKCS8PrivateKey(interKey)
+	r := &rootCA{name: legacyRootName, cert: root, certFile: RootCertFile, keyFile: RootKeyFile}
+	inter, files, err := ca.newIntermediate(1, r, rootKey, now)
 	if err != nil {
-		return nil, fmt.Errorf("create CA: encode intermediate key: %w", err)
+		return nil, fmt.Errorf("create CA: %w", err)
 	}
-	files := []file{
+	files = append([]file{
 		{RootKeyFile, "PRIVATE KEY", rootKeyDER, 0o600},
 		{RootCertFile, "CERTIFICATE", root.Raw, 0o644},
-		{IntermediateKeyFile, "PRIVATE KEY", interKeyDER, 0o600},
-		{IntermediateCertFile, "CERTIFICATE", inter.Raw, 0o644},
-	}
+	}, files...)
 	if err := writeFiles(dir, files); err != nil {
 		return nil, fmt.Errorf("create CA: %w", err)
 	}
-	return newCA(opts, root, inter, interKey), nil
+	return &signerState{roots: []*rootCA{r}, active: inter}, nil
+}
+
+// newIntermediate makes intermediate generation gen under root r (signed
+// with rootKey), valid from now for the configured lifetime, cut short at
+// the root's expiry, and returns it with its files (key first) to write.
+func (ca *CA) newIntermediate(gen int, r *rootCA, rootKey crypto.Signer, now time.Time) (*intermediate, []file, error) {
+	if !now.Before(r.cert.NotAfter) {
+		return nil, nil, fmt.Errorf("the root CA %s expired at %s: a new root is needed", r.certFile, r.cert.NotAfter.UTC().Format(time.RFC3339))
+	}
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return nil, nil, fmt.Errorf("generate intermediate key: %w", err)
+	}
+	notAfter := now.Add(ca.interTTL)
+	if notAfter.After(r.cert.NotAfter) {
+		notAfter = r.cert.NotAfter
+	}
+	// Each generation has its own subject name: a sidecar looks up the
+	// revocation list of a certificate's issuer by name, and must find
+	// the list of the generation that signed it.
+	cn := "sds-server intermediate CA"
+	if gen > 1 {
+		cn += " " + strconv.Itoa(gen)
+	}
+	tmpl := caTemplate(cn, ca.trustDomain, now, notAfter)
+	tmpl.MaxPathLen, tmpl.MaxPathLenZero = 0, true
+	cert, err := sign(tmpl, r.cert, key.Public(), rootKey)
+	if err != nil {
+		return nil, nil, fmt.Errorf("intermediate certificate: %w", err)
+	}
+	keyDER, err := x509.MarshalPKCS8PrivateKey(key)
+	if err != nil {
+		return nil, nil, fmt.Errorf("encode intermediate key: %w", err)
+	}
+	certFile, keyFile := intermediateFiles(gen)
+	in := newIntermediateState(gen, r, cert, key, certFile, keyFile)
+	return in, []file{
+		{keyFile, "PRIVATE KEY", keyDER, 0o600},
+		{certFile, "CERTIFICATE", cert.Raw, 0o644},
+	}, nil
 }
 
 func caTemplate(cn, trustDomain string, now, notAfter time.Time) *x509.Certificate {
@@ -237,6 +362,13 @@ func writeFiles(dir string, files []file) error {
 	if err := os.Chmod(dir, 0o700); err != nil { // it may have existed, empty
 		return err
 	}
+	return writeFilesHook(dir, files, func(string) error { return nil })
+}
+
+// writeFilesHook is writeFiles in an existing dir, calling step after each
+// write, rename and sync; an error from step stops there (tests simulate
+// a crash with it).
+func writeFilesHook(dir string, files []file, step func(string) error) error {
 	tmps := make([]string, 0, len(files))
 	defer func() {
 		for _, tmp := range tmps {
@@ -250,13 +382,22 @@ func writeFiles(dir string, files []file) error {
 			return err
 		}
 		tmps = append(tmps, tmp)
+		if err := step("write " + f.name); err != nil {
+			return err
+		}
 	}
 	for i, f := range files {
 		if err := os.Rename(tmps[i], filepath.Join(dir, f.name)); err != nil {
 			return err
 		}
+		if err := step("rename " + f.name); err != nil {
+			return err
+		}
 	}
-	return syncDir(dir)
+	if err := syncDir(dir); err != nil {
+		return err
+	}
+	return step("sync dir")
 }
 
 // writeTemp writes data to a new temporary file in dir with mode perm,
@@ -297,37 +438,6 @@ func syncDir(dir string) error {
 		err = cerr
 	}
 	return err
-}
-
-// load reads and cross-checks the four CA files in dir.
-func load(dir string, opts Options) (*CA, error) {
-	rootPath, interPath := filepath.Join(dir, RootCertFile), filepath.Join(dir, IntermediateCertFile)
-	root, err := readCert(rootPath)
-	if err != nil {
-		return nil, err
-	}
-	// The root key is only checked: the intermediate signs everything.
-	if _, err := readKey(filepath.Join(dir, RootKeyFile), root); err != nil {
-		return nil, err
-	}
-	inter, err := readCert(interPath)
-	if err != nil {
-		return nil, err
-	}
-	interKey, err := readKey(filepath.Join(dir, IntermediateKeyFile), inter)
-	if err != nil {
-		return nil, err
-	}
-	if err := checkCA(root); err != nil {
-		return nil, fmt.Errorf("load CA: %s: %w", rootPath, err)
-	}
-	if err := checkCA(inter); err != nil {
-		return nil, fmt.Errorf("load CA: %s: %w", interPath, err)
-	}
-	if err := inter.CheckSignatureFrom(root); err != nil {
-		return nil, fmt.Errorf("load CA: %s: not signed by the root %s: %w", interPath, rootPath, err)
-	}
-	return newCA(opts, root, inter, interKey), nil
 }
 
 // checkCA reports whether c may sign certificates.

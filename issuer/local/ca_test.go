@@ -101,7 +101,7 @@ func TestOpenCreatesCA(t *testing.T) {
 		maxPathZero bool
 	}{
 		{"root", root, "sds-server root CA", t0.AddDate(10, 0, 0), 1, false},
-		{"intermediate", inter, "sds-server intermediate CA", t0.AddDate(1, 0, 0), 0, true},
+		{"intermediate", inter, "sds-server intermediate CA", t0.Add(DefaultIntermediateTTL), 0, true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			c := tc.cert
@@ -134,7 +134,7 @@ func TestOpenCreatesCA(t *testing.T) {
 	if err := root.CheckSignatureFrom(root); err != nil {
 		t.Errorf("root not self-signed: %v", err)
 	}
-	if !ca.IntermediateNotAfter().Equal(t0.AddDate(1, 0, 0)) {
+	if !ca.IntermediateNotAfter().Equal(t0.Add(DefaultIntermediateTTL)) {
 		t.Errorf("IntermediateNotAfter = %s", ca.IntermediateNotAfter())
 	}
 

@@ -15,9 +15,16 @@ import (
 
 var _ issuer.CRLSigner = (*CA)(nil)
 
-// SignCRL signs a revocation list with the intermediate, the CA that issues
-// every workload certificate. Sidecars check it for leaf certificates only
-// (only_verify_leaf_cert_crl), so the root needs no list of its own.
+// SignCRL signs a revocation list with every intermediate whose
+// certificates may be valid or are about to be issued (the active one, its
+// staged successor and retired ones not yet expired), and returns them
+// concatenated in one PEM: Envoy loads them all and checks a certificate
+// against the list of its issuer (only_verify_leaf_cert_crl; the root
+// needs no list). Every list carries every revoked serial: serials are
+// random, and a serial on the list of an issuer that never used it matches
+// nothing. Each list's next update is cut short at its intermediate's
+// expiry, which the certificates it covers never outlive; the returned
+// NextUpdate is the active intermediate's list's.
 func (ca *CA) SignCRL(ctx context.Context, number *big.Int, revoked []issuer.RevokedCertificate, thisUpdate, nextUpdate time.Time) (*issuer.CRL, error) {
 	if err := ctx.Err(); err != nil {
 		return nil, err
@@ -25,30 +32,43 @@ func (ca *CA) SignCRL(ctx context.Context, number *big.Int, revoked []issuer.Rev
 	if number == nil || number.Sign() < 0 {
 		return nil, errors.New("sign CRL: the CRL number must be a non-negative integer")
 	}
+	st := ca.state.Load()
 	// Clamp first: a list clamped to an expired intermediate's end would be
 	// expired (NextUpdate <= ThisUpdate) when signed, and must be refused too.
-	if nextUpdate.After(ca.inter.NotAfter) {
-		nextUpdate = ca.inter.NotAfter
-	}
-	if !nextUpdate.After(thisUpdate) {
+	activeNext := minTime(nextUpdate, st.active.cert.NotAfter)
+	if !activeNext.After(thisUpdate) {
 		return nil, fmt.Errorf("sign CRL: next update %s (at most the intermediate's expiry, %s) is not after this update %s",
-			nextUpdate, ca.inter.NotAfter.UTC().Format(time.RFC3339), thisUpdate)
+			activeNext, st.active.cert.NotAfter.UTC().Format(time.RFC3339), thisUpdate)
 	}
 	entries := make([]x509.RevocationListEntry, 0, len(revoked))
 	for _, r := range revoked {
 		entries = append(entries, x509.RevocationListEntry{SerialNumber: r.SerialNumber, RevocationTime: r.RevokedAt.UTC()})
 	}
-	der, err := x509.CreateRevocationList(rand.Reader, &x509.RevocationList{
-		Number:                    number,
-		ThisUpdate:                thisUpdate.UTC(),
-		NextUpdate:                nextUpdate.UTC(),
-		RevokedCertificateEntries: entries,
-	}, ca.inter, ca.interKey)
-	if err != nil {
-		return nil, fmt.Errorf("sign CRL: %w", err)
+	signers := []*intermediate{st.active}
+	if st.staged != nil {
+		signers = append(signers, st.staged)
 	}
+	signers = append(signers, st.retired...)
+	var out []byte
+	for _, in := range signers {
+		next := minTime(nextUpdate, in.cert.NotAfter)
+		if !next.After(thisUpdate) {
+			continue // expired: no certificate it signed is valid
+		}
+		der, err := x509.CreateRevocationList(rand.Reader, &x509.RevocationList{
+			Number:                    number,
+			ThisUpdate:                thisUpdate.UTC(),
+			NextUpdate:                next.UTC(),
+			RevokedCertificateEntries: entries,
+		}, in.cert, in.key)
+		if err != nil {
+			return nil, fmt.Errorf("sign CRL with intermediate generation %d: %w", in.gen, err)
+		}
+		out = append(out, pem.EncodeToMemory(&pem.Block{Type: "X509 CRL", Bytes: der})...)
+	}
+	ca.notePublished(st)
 	return &issuer.CRL{
-		PEM:        pem.EncodeToMemory(&pem.Block{Type: "X509 CRL", Bytes: der}),
-		ThisUpdate: thisUpdate.UTC(), NextUpdate: nextUpdate.UTC(),
+		PEM:        out,
+		ThisUpdate: thisUpdate.UTC(), NextUpdate: activeNext.UTC(),
 	}, nil
 }

@@ -61,12 +61,13 @@ func (ca *CA) Issue(ctx context.Context, req issuer.Request) (*issuer.Certificat
 		KeyUsage:    keyUsage,
 		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth},
 	}
-	leaf, now, ttl, err := ca.signLeaf(tmpl, req.TTL, pub)
+	st := ca.state.Load()
+	leaf, now, ttl, err := ca.signLeaf(st.active, tmpl, req.TTL, pub)
 	if err != nil {
 		return nil, fmt.Errorf("issue certificate for %s: %w", id.SPIFFEID(), err)
 	}
 	chain := pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: leaf.Raw})
-	chain = append(chain, ca.interPEM...)
+	chain = append(chain, st.active.pem...)
 	return &issuer.Certificate{Leaf: leaf, ChainPEM: chain, IssuedAt: now, TTL: ttl}, nil
 }
 
@@ -102,23 +103,23 @@ func csrPublicKey(der []byte) (crypto.PublicKey, x509.KeyUsage, error) {
 
 // signLeaf sets the validity of tmpl (backdated NotBefore, NotAfter at most
 // the intermediate's) and the fields every leaf shares, signs it with the
-// intermediate, and returns the certificate, its issue time and lifetime.
-func (ca *CA) signLeaf(tmpl *x509.Certificate, ttl time.Duration, pub crypto.PublicKey) (*x509.Certificate, time.Time, time.Duration, error) {
+// intermediate in, and returns the certificate, its issue time and lifetime.
+func (ca *CA) signLeaf(in *intermediate, tmpl *x509.Certificate, ttl time.Duration, pub crypto.PublicKey) (*x509.Certificate, time.Time, time.Duration, error) {
 	// Certificates keep whole seconds; truncating keeps NotAfter = now+ttl exact.
 	now := ca.now().Truncate(time.Second)
-	if !now.Before(ca.inter.NotAfter) {
-		return nil, time.Time{}, 0, fmt.Errorf("intermediate CA expired at %s: replace it", ca.inter.NotAfter.UTC().Format(time.RFC3339))
+	if !now.Before(in.cert.NotAfter) {
+		return nil, time.Time{}, 0, fmt.Errorf("intermediate CA expired at %s and was not renewed (see the log lines of its renewal)", in.cert.NotAfter.UTC().Format(time.RFC3339))
 	}
 	notAfter := now.Add(ttl)
-	if notAfter.After(ca.inter.NotAfter) {
-		notAfter = ca.inter.NotAfter
+	if notAfter.After(in.cert.NotAfter) {
+		notAfter = in.cert.NotAfter
 	}
 	tmpl.NotBefore = now.Add(-issuer.Backdate)
 	tmpl.NotAfter = notAfter
 	tmpl.BasicConstraintsValid = true
 	tmpl.IsCA = false
-	tmpl.AuthorityKeyId = ca.inter.SubjectKeyId
-	leaf, err := sign(tmpl, ca.inter, pub, ca.interKey)
+	tmpl.AuthorityKeyId = in.cert.SubjectKeyId
+	leaf, err := sign(tmpl, in.cert, pub, in.key)
 	if err != nil {
 		return nil, time.Time{}, 0, fmt.Errorf("sign: %w", err)
 	}
@@ -158,12 +159,13 @@ func (ca *CA) ServerCertificate(hosts []string, ttl time.Duration) (tls.Certific
 	if err != nil {
 		return tls.Certificate{}, fmt.Errorf("server certificate: generate key: %w", err)
 	}
-	leaf, _, _, err := ca.signLeaf(tmpl, ttl, key.Public())
+	in := ca.state.Load().active
+	leaf, _, _, err := ca.signLeaf(in, tmpl, ttl, key.Public())
 	if err != nil {
 		return tls.Certificate{}, fmt.Errorf("server certificate: %w", err)
 	}
 	return tls.Certificate{
-		Certificate: [][]byte{leaf.Raw, ca.inter.Raw, ca.root.Raw},
+		Certificate: [][]byte{leaf.Raw, in.cert.Raw, in.root.cert.Raw},
 		PrivateKey:  key,
 		Leaf:        leaf,
 	}, nil

@@ -319,12 +319,16 @@ func TestIssueClampsToIntermediate(t *testing.T) {
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
+			// Open renews an expired intermediate (renew_test.go): open
+			// before expiry, then move the clock, as a running server sees.
+			clk := &fakeClock{t: end.Add(-2 * time.Hour)}
 			opts := testOptions()
-			opts.Now = at(tc.now)
-			ca, err := Open(context.Background(), dir, opts) // loads even an expired intermediate
+			opts.Now = clk.Now
+			ca, err := Open(context.Background(), dir, opts)
 			if err != nil {
 				t.Fatal(err)
 			}
+			clk.Set(tc.now)
 			cert, err := ca.Issue(context.Background(), issuer.Request{Identity: testIdentity(), CSR: csr, TTL: tc.ttl})
 			if tc.wantTTL == 0 {
 				if err == nil || !strings.Contains(err.Error(), "intermediate CA expired") {

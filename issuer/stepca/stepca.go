@@ -24,6 +24,7 @@ import (
 	"encoding/pem"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net"
 	"net/http"
 	"net/url"
@@ -88,6 +89,10 @@ type Options struct {
 	// between attempts. Defaults 5 and 1 s: about 15 s in all.
 	ConnectAttempts int
 	ConnectBackoff  time.Duration
+	// Logger receives one warning per failed attempt that Open retries
+	// (attempt N of M, the wait, the error), so a start-up waiting for
+	// step-ca is not silent; nil logs nothing.
+	Logger *slog.Logger
 	// Now is the clock; nil means time.Now.
 	Now func() time.Time
 }
@@ -179,7 +184,7 @@ func Open(ctx context.Context, opts Options) (*Issuer, error) {
 		now:           opts.Now,
 	}
 	var prov *provisioner.JWK
-	err = retry(ctx, opts.ConnectAttempts, opts.ConnectBackoff, func() error {
+	err = retry(ctx, opts.Logger, opts.ConnectAttempts, opts.ConnectBackoff, func() error {
 		if err := iss.connect(ctx, opts.RootFingerprint, fileRoots); err != nil {
 			return err
 		}
@@ -200,7 +205,7 @@ func Open(ctx context.Context, opts Options) (*Issuer, error) {
 	// One real signature through the template: proves that step-ca accepts
 	// the tokens (audience, key, clocks), that the template yields the
 	// identity, and that the lifetime passes step-ca's global claims too.
-	err = retry(ctx, opts.ConnectAttempts, opts.ConnectBackoff, func() error { return iss.probe(ctx, opts.TTL) })
+	err = retry(ctx, opts.Logger, opts.ConnectAttempts, opts.ConnectBackoff, func() error { return iss.probe(ctx, opts.TTL) })
 	if err != nil {
 		return nil, err
 	}
@@ -558,8 +563,9 @@ func (e permanentError) Unwrap() error { return e.error }
 func permanent(err error) error { return permanentError{err} }
 
 // retry runs f up to attempts times with doubling backoff while it fails
-// with a transient error, and says how long it tried.
-func retry(ctx context.Context, attempts int, backoff time.Duration, f func() error) error {
+// with a transient error, and says how long it tried. Each failure it
+// retries is logged to log (if not nil).
+func retry(ctx context.Context, log *slog.Logger, attempts int, backoff time.Duration, f func() error) error {
 	start := time.Now()
 	var err error
 	for i := 1; ; i++ {
@@ -581,6 +587,9 @@ func retry(ctx context.Context, attempts int, backoff time.Duration, f func() er
 			}
 			return fmt.Errorf("%w (gave up after %d attempts in %s)", err, attempts, took)
 		}
+		if log != nil {
+			log.Warn("step-ca not reachable yet; retrying", "attempt", i, "attempts", attempts, "retry_in", backoff, "error", err)
+		}
 		t := time.NewTimer(backoff)
 		select {
 		case <-ctx.Done():
@@ -591,3 +600,7 @@ func retry(ctx context.Context, attempts int, backoff time.Duration, f func() er
 		backoff = min(2*backoff, maxConnectBackoff)
 	}
 }
+
+// Intermediate returns the intermediate that signed the last workload
+// certificate, nil before the first: what the expiry metric reports.
+func (iss *Issuer) Intermediate() *x509.Certificate { return iss.inter.Load() }

@@ -34,5 +34,7 @@ until tok=$(sds-server token create --service "$svc" --ttl 10m --uses 1 2>/dev/n
 	fi
 	sleep 1
 done
-sds-server bootstrap envoy --server "$server" --token "$tok" --node-id "$svc-1" -o "$out" "$@"
+# The token goes in the environment, not on the command line, where every
+# process could read it.
+SDS_TOKEN=$tok sds-server bootstrap envoy --server "$server" --node-id "$svc-1" -o "$out" "$@"
 echo "join $svc: wrote $out (identity spiffe://mesh.local/ns/default/sa/$svc)"

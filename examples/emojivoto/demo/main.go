@@ -39,6 +39,8 @@ import (
 	"syscall"
 	"text/tabwriter"
 	"time"
+
+	"github.com/meshid/sds-server/internal/freeport"
 )
 
 // service is one node of the demo mesh.
@@ -290,13 +292,20 @@ func (d *demo) allocatePorts() error {
 			_ = l.Close()
 		}
 	}()
+	// Ports outside the ephemeral range, held until all are chosen: an
+	// outgoing connection cannot take one before its process binds it.
+	var picker freeport.Picker
 	port := func() (int, error) {
-		l, err := net.Listen("tcp", "127.0.0.1:0")
+		p, err := picker.Pick()
+		if err != nil {
+			return 0, fmt.Errorf("find a free port: %w", err)
+		}
+		l, err := net.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", p))
 		if err != nil {
 			return 0, fmt.Errorf("find a free port: %w", err)
 		}
 		held = append(held, l)
-		return l.Addr().(*net.TCPAddr).Port, nil
+		return p, nil
 	}
 	p, err := port()
 	if err != nil {
@@ -385,7 +394,10 @@ func (d *demo) bootstraps(ctx context.Context) error {
 	errs := make([]error, len(d.mesh))
 	for i, s := range d.mesh {
 		s.config = filepath.Join(d.dir, "envoy", s.name+".yaml")
-		args := []string{"bootstrap", "envoy", "--server", d.sdsAddr, "--token", s.token,
+		// The token goes in SDS_TOKEN, not on the command line (where every
+		// local user could read it); the admin is on loopback TCP because
+		// the demo reads /ready, /certs and /stats there.
+		args := []string{"bootstrap", "envoy", "--server", d.sdsAddr,
 			"--service-port", strconv.Itoa(s.appPort), "--listen", fmt.Sprintf("127.0.0.1:%d", s.inPort),
 			"--admin", fmt.Sprintf("127.0.0.1:%d", s.adminPort), "--node-id", s.name + "-1", "-o", s.config}
 		for _, u := range s.upstreams {
@@ -394,7 +406,7 @@ func (d *demo) bootstraps(ctx context.Context) error {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			if _, err := d.cli(ctx, args...); err != nil {
+			if _, err := d.cliEnv(ctx, []string{"SDS_TOKEN=" + s.token}, args...); err != nil {
 				errs[i] = fmt.Errorf("bootstrap envoy for %s: %w", s.name, err)
 				return
 			}
@@ -421,9 +433,17 @@ func (d *demo) bootstraps(ctx context.Context) error {
 
 // cli runs an sds-server subcommand and returns its stdout.
 func (d *demo) cli(ctx context.Context, args ...string) (string, error) {
+	return d.cliEnv(ctx, nil, args...)
+}
+
+// cliEnv is cli with extra environment variables (NAME=VALUE).
+func (d *demo) cliEnv(ctx context.Context, env []string, args ...string) (string, error) {
 	cctx, cancel := context.WithTimeout(ctx, 20*time.Second)
 	defer cancel()
 	cmd := exec.CommandContext(cctx, d.o.serverBin, args...)
+	if env != nil {
+		cmd.Env = append(os.Environ(), env...)
+	}
 	var stdout, stderr bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr
 	if err := cmd.Run(); err != nil {
@@ -485,28 +505,16 @@ func (d *demo) watch(ctx context.Context) int {
 	} else {
 		d.say("running until Ctrl-C")
 	}
-	tick := time.NewTicker(time.Second)
-	defer tick.Stop()
-	lastTable := time.Time{}
+	// Certificates are polled every second, for the rotation lines; the
+	// table has its own ticker, so it comes every -status-every exactly
+	// (comparing the time since the last table at each poll made it late by
+	// one poll whenever a poll took less time than the one before).
+	poll := time.NewTicker(time.Second)
+	defer poll.Stop()
+	table := time.NewTicker(d.o.every)
+	defer table.Stop()
+	d.table(d.poll())
 	for {
-		views := map[string]certView{}
-		for _, s := range d.mesh {
-			v, err := d.certs(s)
-			if err != nil {
-				continue
-			}
-			views[s.name] = v
-			if v.serial != "" && v.serial != s.serial {
-				if s.serial != "" {
-					d.say("rotated: %s %s -> %s (%s; expires in %s)", s.name, s.serial, v.serial, d.since(), until(v.expires))
-				}
-				s.serial = v.serial
-			}
-		}
-		if time.Since(lastTable) >= d.o.every {
-			d.table(views)
-			lastTable = time.Now()
-		}
 		select {
 		case <-ctx.Done():
 			d.say("interrupted: stopping")
@@ -514,12 +522,35 @@ func (d *demo) watch(ctx context.Context) int {
 		case <-timeout:
 			d.say("-duration %s reached: stopping", d.o.duration)
 			return 0
-		case <-tick.C:
+		case <-poll.C:
+			d.poll()
+		case <-table.C:
+			d.table(d.poll())
 		}
 		if c := d.deadChild(); c != nil {
 			return d.fail("%s exited unexpectedly: %s", c.name, c.logTail())
 		}
 	}
+}
+
+// poll reads every sidecar's certificate, prints a rotation line for each
+// one that changed, and returns what it read.
+func (d *demo) poll() map[string]certView {
+	views := map[string]certView{}
+	for _, s := range d.mesh {
+		v, err := d.certs(s)
+		if err != nil {
+			continue
+		}
+		views[s.name] = v
+		if v.serial != "" && v.serial != s.serial {
+			if s.serial != "" {
+				d.say("rotated: %s %s -> %s (%s; expires in %s)", s.name, s.serial, v.serial, d.since(), until(v.expires))
+			}
+			s.serial = v.serial
+		}
+	}
+	return views
 }
 
 // seconds writes d as the demo's flags do: 60s, not 1m0s.

@@ -1,0 +1,195 @@
+package local
+
+import (
+	"crypto"
+	"crypto/x509"
+	"encoding/pem"
+	"fmt"
+	"path/filepath"
+	"slices"
+	"time"
+)
+
+// rootCA is a root of the CA: its certificate and where it is kept. The
+// key stays on disk, read only to sign a new intermediate.
+type rootCA struct {
+	name              string
+	cert              *x509.Certificate
+	certFile, keyFile string
+}
+
+// intermediate is one generation of the intermediate CA. Immutable.
+type intermediate struct {
+	gen               int
+	root              *rootCA
+	cert              *x509.Certificate
+	key               crypto.Signer
+	pem               []byte // of cert, appended to every issued chain
+	certFile, keyFile string
+	stagedAt          time.Time
+}
+
+func newIntermediateState(gen int, r *rootCA, cert *x509.Certificate, key crypto.Signer, certFile, keyFile string) *intermediate {
+	return &intermediate{
+		gen: gen, root: r, cert: cert, key: key,
+		pem:      pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: cert.Raw}),
+		certFile: certFile, keyFile: keyFile,
+	}
+}
+
+// signerState is what the CA signs with at one moment. It is never
+// modified: a lifecycle change builds a new one and swaps the pointer, so a
+// signer that loaded it keeps a consistent view (one intermediate's
+// certificate with its own key) however long it takes.
+type signerState struct {
+	roots []*rootCA
+	// active signs every certificate.
+	active *intermediate
+	// staged is its successor, signing revocation lists only until it is
+	// activated; nil when none.
+	staged *intermediate
+	// retired are the earlier generations not yet pruned: they sign
+	// revocation lists while certificates they signed may be valid.
+	retired []*intermediate
+}
+
+func (s *signerState) rootCerts() []*x509.Certificate {
+	out := make([]*x509.Certificate, len(s.roots))
+	for i, r := range s.roots {
+		out[i] = r.cert
+	}
+	return out
+}
+
+// nextGeneration is the number of the next intermediate.
+func (s *signerState) nextGeneration() int {
+	n := s.active.gen
+	if s.staged != nil {
+		n = max(n, s.staged.gen)
+	}
+	for _, r := range s.retired {
+		n = max(n, r.gen)
+	}
+	return n + 1
+}
+
+// file returns the state file describing s.
+func (s *signerState) file() *stateFile {
+	sf := &stateFile{Format: stateFormat}
+	for _, r := range s.roots {
+		sf.Roots = append(sf.Roots, rootEntry{Name: r.name, Cert: r.certFile, Key: r.keyFile, Status: rootStatusActive})
+	}
+	add := func(in *intermediate, status string) {
+		e := interEntry{Generation: in.gen, Cert: in.certFile, Key: in.keyFile, Root: in.root.name, Status: status}
+		if status == statusStaged {
+			e.StagedAt = in.stagedAt.UTC()
+		}
+		sf.Intermediates = append(sf.Intermediates, e)
+	}
+	for _, r := range s.retired {
+		add(r, statusRetired)
+	}
+	add(s.active, statusActive)
+	if s.staged != nil {
+		add(s.staged, statusStaged)
+	}
+	return sf
+}
+
+// legacyState describes the first layout: one root, intermediate
+// generation 1, no state file.
+func legacyState() *stateFile {
+	return &stateFile{
+		Format: stateFormat,
+		Roots:  []rootEntry{{Name: legacyRootName, Cert: RootCertFile, Key: RootKeyFile, Status: rootStatusActive}},
+		Intermediates: []interEntry{{Generation: 1, Cert: IntermediateCertFile, Key: IntermediateKeyFile,
+			Root: legacyRootName, Status: statusActive}},
+	}
+}
+
+// loadState reads and cross-checks every file sf names. A root's key is
+// checked to be there, private and matching (renewal needs it), not kept.
+func loadState(dir string, sf *stateFile) (*signerState, error) {
+	st := &signerState{}
+	roots := map[string]*rootCA{}
+	for _, e := range sf.Roots {
+		path := filepath.Join(dir, e.Cert)
+		cert, err := readCert(path)
+		if err != nil {
+			return nil, err
+		}
+		if err := checkCA(cert); err != nil {
+			return nil, fmt.Errorf("load CA: %s: %w", path, err)
+		}
+		if e.Key != "" {
+			if _, err := readKey(filepath.Join(dir, e.Key), cert); err != nil {
+				return nil, err
+			}
+		}
+		r := &rootCA{name: e.Name, cert: cert, certFile: e.Cert, keyFile: e.Key}
+		roots[e.Name] = r
+		st.roots = append(st.roots, r)
+	}
+	for _, e := range sf.Intermediates {
+		r := roots[e.Root]
+		path := filepath.Join(dir, e.Cert)
+		cert, err := readCert(path)
+		if err != nil {
+			return nil, err
+		}
+		key, err := readKey(filepath.Join(dir, e.Key), cert)
+		if err != nil {
+			return nil, err
+		}
+		if err := checkCA(cert); err != nil {
+			return nil, fmt.Errorf("load CA: %s: %w", path, err)
+		}
+		if err := cert.CheckSignatureFrom(r.cert); err != nil {
+			return nil, fmt.Errorf("load CA: %s: not signed by the root %s: %w", path, filepath.Join(dir, r.certFile), err)
+		}
+		in := newIntermediateState(e.Generation, r, cert, key, e.Cert, e.Key)
+		in.stagedAt = e.StagedAt
+		switch e.Status {
+		case statusActive:
+			st.active = in
+		case statusStaged:
+			st.staged = in
+		case statusRetired:
+			st.retired = append(st.retired, in)
+		}
+	}
+	return st, nil
+}
+
+// CertificateInfo describes one CA certificate the built-in CA holds.
+type CertificateInfo struct {
+	// Role is "root", or "intermediate" (signs certificates now),
+	// "intermediate_staged" (its successor, published, not yet signing) or
+	// "intermediate_retired" (replaced, signing revocation lists until it
+	// expires).
+	Role string
+	// Generation numbers the intermediates from 1; 0 for a root.
+	Generation int
+	Cert       *x509.Certificate
+}
+
+// Certificates lists the CA certificates held now, roots first: what an
+// operator or a metric (expiry gauges) looks at. Callers must not modify
+// the certificates.
+func (ca *CA) Certificates() []CertificateInfo {
+	st := ca.state.Load()
+	var out []CertificateInfo
+	for _, r := range st.roots {
+		out = append(out, CertificateInfo{Role: "root", Cert: r.cert})
+	}
+	out = append(out, CertificateInfo{Role: "intermediate", Generation: st.active.gen, Cert: st.active.cert})
+	if st.staged != nil {
+		out = append(out, CertificateInfo{Role: "intermediate_staged", Generation: st.staged.gen, Cert: st.staged.cert})
+	}
+	retired := slices.Clone(st.retired)
+	slices.SortFunc(retired, func(a, b *intermediate) int { return b.gen - a.gen })
+	for _, r := range retired {
+		out = append(out, CertificateInfo{Role: "intermediate_retired", Generation: r.gen, Cert: r.cert})
+	}
+	return out
+}
