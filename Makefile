@@ -27,7 +27,7 @@ export SDS_SERVER_BIN := $(BIN)/sds-server
 export SDS_STEPCA_BIN := $(TOOLS)/bin/step-ca
 export SDS_PROMTOOL_BIN := $(TOOLS)/bin/promtool
 
-.PHONY: all help build run tools stepca step promtool rules test unit e2e bench vet fmt clean
+.PHONY: all help build run tools stepca step promtool rules test unit e2e bench fuzz vet fmt clean
 
 all: build
 
@@ -163,6 +163,28 @@ e2e: tools stepca build ## e2e tests only (real Envoy, real step-ca)
 
 bench: ## benchmarks
 	$(GO) test -run '^$$' -bench . -benchmem ./...
+
+# Every Fuzz function of the module's tests, one `go test -fuzz` each (Go
+# fuzzes one target per run), FUZZTIME each. FUZZ_RUN narrows by function
+# name (a grep -E regex). A crash fails the target, the others still run,
+# and Go saves the input in <package>/testdata/fuzz/<Fuzz...>/, where
+# `go test` (make unit, make test) replays it with the other seeds.
+FUZZTIME      ?= 5m
+FUZZ_PARALLEL ?= $(shell getconf _NPROCESSORS_ONLN 2>/dev/null || echo 1)
+FUZZ_RUN      ?= .
+
+fuzz: ## run each fuzz target for FUZZTIME (default 5m) with FUZZ_PARALLEL workers; FUZZ_RUN=FuzzACL picks targets
+	@failed=""; n=0; \
+	for file in $$(grep -rl --include='*_test.go' --exclude-dir=.tools --exclude-dir=.git '^func Fuzz' . | sort); do \
+		dir=$$(dirname $$file); \
+		for fn in $$(sed -nE 's/^func (Fuzz[A-Za-z0-9_]*)\(.*/\1/p' $$file | grep -E -- '$(FUZZ_RUN)'); do \
+			n=$$((n+1)); echo "fuzz: $$dir $$fn for $(FUZZTIME)"; \
+			$(GO) test -run '^$$' -fuzz "^$$fn\$$" -fuzztime $(FUZZTIME) -parallel $(FUZZ_PARALLEL) $$dir || failed="$$failed $$dir:$$fn"; \
+		done; \
+	done; \
+	if [ $$n -eq 0 ]; then echo "fuzz: no target matches FUZZ_RUN=$(FUZZ_RUN)"; exit 1; fi; \
+	if [ -n "$$failed" ]; then echo "fuzz: FAILED:$$failed (inputs in <package>/testdata/fuzz/)"; exit 1; fi; \
+	echo "fuzz: $$n targets ran $(FUZZTIME) each without a failure"
 
 clean: ## remove bin/ and .tools/ (Envoy, step-ca, the local step-ca)
 	rm -rf $(BIN) $(TOOLS)

@@ -150,6 +150,9 @@ func loadConfig(cmd *cobra.Command) (*config, error) {
 		if err := v.ReadInConfig(); err != nil {
 			return nil, fmt.Errorf("read config file %s: %w", path, err)
 		}
+		if err := checkKeyCase(path); err != nil {
+			return nil, fmt.Errorf("read config file %s: %w", path, err)
+		}
 	}
 	var c config
 	if err := v.UnmarshalExact(&c); err != nil {
