@@ -251,6 +251,7 @@ func openIssuer(ctx context.Context, cfg *config, log *slog.Logger, observe func
 			URL:    c.URL, RootFingerprint: c.RootFingerprint, RootFile: c.RootFile,
 			Provisioner: c.Provisioner, KeyFile: c.KeyFile, PasswordFile: c.PasswordFile,
 			TrustDomain: cfg.TrustDomain, TTL: cfg.CertTTL, AllowShortTTL: cfg.AllowShortTTL,
+			StateFile: filepath.Join(cfg.DataDir, "stepca-roots.json"),
 		})
 		if err != nil {
 			return nil, "", err

@@ -163,8 +163,10 @@ func (iss *Issuer) ServerCertificate(hosts []string, ttl time.Duration) (tls.Cer
 	for _, c := range chain {
 		out.Certificate = append(out.Certificate, c.Raw)
 	}
-	if !chain[len(chain)-1].Equal(iss.root) {
-		out.Certificate = append(out.Certificate, iss.root.Raw)
+	if last := chain[len(chain)-1]; !iss.trust.Load().contains(last) {
+		if root := iss.trust.Load().issuerOf(last); root != nil {
+			out.Certificate = append(out.Certificate, root.Raw)
+		}
 	}
 	return out, nil
 }
@@ -274,9 +276,7 @@ func (iss *Issuer) sign(ctx context.Context, r signRequest) (*x509.Certificate, 
 	for _, c := range chain[1:] {
 		inter.AddCert(c)
 	}
-	roots := x509.NewCertPool()
-	roots.AddCert(iss.root)
-	if _, err := leaf.Verify(x509.VerifyOptions{Roots: roots, Intermediates: inter, CurrentTime: leaf.NotBefore.Add(issuer.Backdate),
+	if _, err := leaf.Verify(x509.VerifyOptions{Roots: iss.trust.Load().pool, Intermediates: inter, CurrentTime: leaf.NotBefore.Add(issuer.Backdate),
 		KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageAny}}); err != nil {
 		return nil, nil, fmt.Errorf("step-ca at %s: sign: the certificate does not chain to the pinned root: %w", iss.url, err)
 	}
@@ -298,7 +298,7 @@ func (iss *Issuer) token(subject string, sans []string, claim sdsClaim) (string,
 		token.WithAudience(iss.audience),
 		token.WithValidity(now, now.Add(tokenLifetime)),
 		token.WithSANS(sans),
-		token.WithSHA(iss.fingerprint),
+		token.WithSHA(fingerprint(iss.Root())),
 		token.WithClaim("sds", claim),
 	)
 	if err != nil {
