@@ -151,6 +151,7 @@ func serve(ctx context.Context, cfg *config, stdout, stderr io.Writer) error {
 		Metrics:       sds.NewMetrics(reg),
 		Logger:        log,
 		Limits:        limits,
+		RootsRefresh:  cfg.CA.RootsRefresh,
 	})
 	if err != nil {
 		return err
