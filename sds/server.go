@@ -100,8 +100,6 @@ type Server struct {
 	draw  *spreader
 
 	rootCA atomic.Pointer[rootBundle]
-	// rollout follows which roots each Envoy ACKed (trustrollout.go).
-	rollout *trustRollout
 	pubMu  sync.Mutex // serialises pushes of shared resources (ROOTCA, policies, deny list)
 	// policies are the encoded ACL filters; revokedRes the deny list.
 	policies    atomic.Pointer[policySet]
@@ -115,6 +113,9 @@ type Server struct {
 	// failed (UnixNano), zero once it succeeds: crlLoop retries it sooner.
 	revokerCRLFailedAt atomic.Int64
 	lim                *limitState // connection, stream and log limits (limits.go)
+
+	// rollout follows which roots each Envoy ACKed (trustrollout.go).
+	rollout *trustRollout
 
 	mu      sync.Mutex
 	streams map[int64]*streamState
