@@ -165,6 +165,9 @@ func serve(ctx context.Context, cfg *config, stdout, stderr io.Writer) error {
 	if err != nil {
 		return err
 	}
+	if sc, ok := ca.(*stepca.Issuer); ok {
+		sc.OnIntermediateChange(servingCert.RenewSoon)
+	}
 	localCA, isLocal := ca.(*local.CA)
 	if isLocal {
 		reg.MustRegister(lifecycle.renewals)

@@ -88,7 +88,9 @@ func (iss *Issuer) Issue(ctx context.Context, req issuer.Request) (*issuer.Certi
 	}
 	iss.leafCRLDP.Store(&leaf.CRLDistributionPoints)
 	if len(chain) > 1 {
-		iss.inter.Store(chain[1])
+		if old := iss.inter.Swap(chain[1]); old != nil && !old.Equal(chain[1]) {
+			iss.intermediateChanged(old, chain[1])
+		}
 	}
 	// IssuedAt is the requested issue time: NotBefore is backdated from it.
 	issuedAt := leaf.NotBefore.Add(issuer.Backdate)
@@ -163,10 +165,13 @@ func (iss *Issuer) ServerCertificate(hosts []string, ttl time.Duration) (tls.Cer
 	for _, c := range chain {
 		out.Certificate = append(out.Certificate, c.Raw)
 	}
-	if last := chain[len(chain)-1]; !iss.trust.Load().contains(last) {
-		if root := iss.trust.Load().issuerOf(last); root != nil {
-			out.Certificate = append(out.Certificate, root.Raw)
-		}
+	last := chain[len(chain)-1]
+	root := iss.trust.Load().issuerOf(last)
+	if root != nil && !root.Equal(last) {
+		out.Certificate = append(out.Certificate, root.Raw)
+	}
+	if root != nil {
+		iss.servingRoot.Store(root)
 	}
 	return out, nil
 }

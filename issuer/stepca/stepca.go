@@ -153,6 +153,12 @@ type Issuer struct {
 	// certificates must chain to (trust.go); trustMu serialises its updates.
 	trust   atomic.Pointer[trustSet]
 	trustMu sync.Mutex
+	// servingRoot is the root the last ServerCertificate chains to: what
+	// bootstrap clients see in the handshake, so new tokens pin it.
+	servingRoot atomic.Pointer[x509.Certificate]
+	// onInterChange is called when step-ca starts signing with another
+	// intermediate (OnIntermediateChange).
+	onInterChange atomic.Pointer[func()]
 }
 
 var (
@@ -412,7 +418,7 @@ func (iss *Issuer) connect(ctx context.Context, fp string, fileRoots, learned []
 			}
 		}
 		if len(pinned) == 0 && len(learned) == 0 {
-			return permanent(fmt.Errorf("step-ca at %s has no root with fingerprint %s (its roots: %s): check the root fingerprint", iss.url, fp, strings.Join(seen, ", ")))
+			return permanent(fmt.Errorf("step-ca at %s has no root with fingerprint %s (its roots: %s): check the root fingerprint; if step-ca's root was rotated, pin the new root", iss.url, fp, strings.Join(seen, ", ")))
 		}
 	}
 	trusted := slices.Clone(pinned)
@@ -471,7 +477,7 @@ func (iss *Issuer) follow(served []*x509.Certificate) error {
 	iss.trustMu.Lock()
 	defer iss.trustMu.Unlock()
 	cur := iss.trust.Load()
-	roots := orderRoots(served, cur.roots, iss.inter.Load())
+	roots := orderRoots(served, cur.roots, iss.servingRoot.Load(), iss.inter.Load())
 	if cur.equal(roots) {
 		return nil
 	}

@@ -51,19 +51,23 @@ func (t *trustSet) issuerOf(c *x509.Certificate) *x509.Certificate {
 	return nil
 }
 
-// orderRoots returns served in the order the trust bundle keeps: the root
-// that signed the intermediate step-ca signs with now (inter, if known and
-// served) first, since sds-server's own certificate chains to it and new
-// bootstrap tokens must pin it; then the roots already trusted, in their
-// order; then new ones, in step-ca's order.
-func orderRoots(served, trusted []*x509.Certificate, inter *x509.Certificate) []*x509.Certificate {
+// orderRoots returns served in the order the trust bundle keeps: first
+// the root sds-server's own certificate chains to (serving, if served),
+// since new bootstrap tokens must pin what the handshake shows; else the
+// root that signed the intermediate step-ca signs with now (inter); then
+// the roots already trusted, in their order; then new ones, in step-ca's
+// order.
+func orderRoots(served, trusted []*x509.Certificate, serving, inter *x509.Certificate) []*x509.Certificate {
 	out := make([]*x509.Certificate, 0, len(served))
 	add := func(c *x509.Certificate) {
 		if !slices.ContainsFunc(out, c.Equal) && slices.ContainsFunc(served, c.Equal) {
 			out = append(out, c)
 		}
 	}
-	if inter != nil {
+	if serving != nil {
+		add(serving)
+	}
+	if inter != nil && len(out) == 0 {
 		for _, r := range served {
 			if inter.CheckSignatureFrom(r) == nil {
 				add(r)
@@ -184,4 +188,18 @@ func saveTrustState(path string, pin []string, roots []*x509.Certificate) error 
 		return fmt.Errorf("step-ca trust state: %w", err)
 	}
 	return nil
+}
+
+// OnIntermediateChange sets f, called (once per change, from the Issue
+// that saw it) when step-ca starts signing with another intermediate: the
+// SDS listener's certificate should then move to it (ServingCert.RenewSoon),
+// so that what the handshake shows and what new tokens pin agree.
+func (iss *Issuer) OnIntermediateChange(f func()) { iss.onInterChange.Store(&f) }
+
+func (iss *Issuer) intermediateChanged(old, cur *x509.Certificate) {
+	iss.log.Info("step-ca signs with another intermediate", "url", iss.url.String(),
+		"old", old.Subject.String(), "new", cur.Subject.String(), "new_sha256", fingerprint(cur))
+	if f := iss.onInterChange.Load(); f != nil {
+		(*f)()
+	}
 }
