@@ -156,6 +156,13 @@ func TestStepCARootRotation(t *testing.T) {
 		}
 		ca.reload(t, rootA, rootB)
 		checkEnvoys("sidecars serve leaves under B", []*x509.Certificate{rootA, rootB}, rootB)
+		// The SDS listener moved to B's intermediate too (sds-server
+		// renews it when step-ca's intermediate changes).
+		eventually(t, 30*time.Second, "the SDS listener's certificate under B", func() error { return servedChainsTo(srv.addr, rootB) })
+	})
+	// New tokens pin what the listener shows: B (after a roots refresh).
+	eventually(t, 30*time.Second, "a sidecar bootstrapped on root B", func() error {
+		return bootstrapLate(srv, "late-b")
 	})
 
 	// 4. A leaves step-ca; every sidecar ACKs {B}.
@@ -189,10 +196,9 @@ func TestStepCARootRotation(t *testing.T) {
 		return err
 	})
 	t.Logf("sds-server restarted on root B in %s", time.Since(restartAt).Round(100*time.Millisecond))
-	tok := strings.TrimSpace(srv.cli(t, "token", "create", "--service", "late"))
-	out := srv.cli(t, "bootstrap", "envoy", "--server", srv.addr, "--token", tok, "--service-port", "9", "--listen", "127.0.0.1:1",
-		"--admin", "127.0.0.1:2", "--node-id", "late-1", "-o", t.TempDir()+"/late.yaml")
-	_ = out
+	if err := bootstrapLate(srv, "late-after-restart"); err != nil {
+		t.Fatalf("bootstrap with a new token after the restart: %v", err)
+	}
 	// The sidecars bootstrapped before the rotation pinned A for their
 	// connection to sds-server, whose certificate now chains to B alone.
 	deadline := time.Now().Add(20 * time.Second)
@@ -215,6 +221,26 @@ func TestStepCARootRotation(t *testing.T) {
 		}
 	}
 	t.Logf("total %s", time.Since(begin).Round(time.Second))
+}
+
+// bootstrapLate creates a token and runs `bootstrap envoy` with it: the
+// handshake's root must match the root the token pins.
+func bootstrapLate(srv *server, node string) error {
+	tok, errOut, code := srv.cliResult("token", "create", "--service", "late")
+	if code != 0 {
+		return fmt.Errorf("token create: %s", errOut)
+	}
+	dir, err := os.MkdirTemp("", "late")
+	if err != nil {
+		return err
+	}
+	defer os.RemoveAll(dir)
+	_, errOut, code = srv.cliResult("bootstrap", "envoy", "--server", srv.addr, "--token", strings.TrimSpace(tok), "--service-port", "9",
+		"--listen", "127.0.0.1:1", "--admin", "127.0.0.1:2", "--node-id", node, "-o", dir+"/late.yaml")
+	if code != 0 {
+		return fmt.Errorf("bootstrap envoy: %s", errOut)
+	}
+	return nil
 }
 
 // reload makes step-ca re-read ca.json (SIGHUP) and waits until it serves
