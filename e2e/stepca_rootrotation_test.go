@@ -160,10 +160,13 @@ func TestStepCARootRotation(t *testing.T) {
 		// renews it when step-ca's intermediate changes).
 		eventually(t, 30*time.Second, "the SDS listener's certificate under B", func() error { return servedChainsTo(srv.addr, rootB) })
 	})
-	// New tokens pin what the listener shows: B (after a roots refresh).
+	// New tokens pin what the listener shows: B.
+	attempts := 0
 	eventually(t, 30*time.Second, "a sidecar bootstrapped on root B", func() error {
+		attempts++
 		return bootstrapLate(srv, "late-b")
 	})
+	t.Logf("a new token bootstrapped against the listener under B at attempt %d", attempts)
 
 	// 4. A leaves step-ca; every sidecar ACKs {B}.
 	step("4. remove root A from step-ca, wait for every ACK", func() {

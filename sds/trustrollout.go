@@ -35,12 +35,17 @@ func newTrustRollout() *trustRollout {
 	return &trustRollout{sent: make(map[int64][]sentBundle), acked: make(map[string]string)}
 }
 
-// rootsID names a set of roots: the first 8 bytes of the SHA-256 of their
-// DER, in bundle order, in hex.
+// rootsID names a set of roots, whatever their order in the bundle: the
+// first 8 bytes, in hex, of the SHA-256 of their sorted SHA-256 digests.
 func rootsID(roots []*x509.Certificate) string {
+	sums := make([][sha256.Size]byte, len(roots))
+	for i, r := range roots {
+		sums[i] = sha256.Sum256(r.Raw)
+	}
+	sort.Slice(sums, func(i, j int) bool { return bytes.Compare(sums[i][:], sums[j][:]) < 0 })
 	h := sha256.New()
-	for _, r := range roots {
-		h.Write(r.Raw)
+	for _, s := range sums {
+		h.Write(s[:])
 	}
 	return hex.EncodeToString(h.Sum(nil)[:8])
 }

@@ -166,7 +166,7 @@ func serve(ctx context.Context, cfg *config, stdout, stderr io.Writer) error {
 		return err
 	}
 	if sc, ok := ca.(*stepca.Issuer); ok {
-		sc.OnIntermediateChange(servingCert.RenewSoon)
+		followStepCAIntermediate(ctx, log, sc, servingCert, srv)
 	}
 	localCA, isLocal := ca.(*local.CA)
 	if isLocal {
