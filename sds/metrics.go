@@ -86,7 +86,7 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 // registerServer adds the gauges computed from a server's state at scrape
 // time.
 func (m *Metrics) registerServer(s *Server) error {
-	for _, c := range []prometheus.Collector{
+	for _, c := range append([]prometheus.Collector{
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Name: "sds_nodes_serving_stale_certificate",
 			Help: "Connected nodes whose certificate loaded by Envoy is past 90% of its life (renewed but still serving the old one, or renewal failing).",
@@ -100,7 +100,7 @@ func (m *Metrics) registerServer(s *Server) error {
 			Help: "Certificate renewals waiting in the scheduler.",
 		}, func() float64 { return float64(s.sched.len()) }),
 		newStateCollector(s),
-	} {
+	}, trustRolloutCollectors(s)...) {
 		if err := m.reg.Register(c); err != nil {
 			return fmt.Errorf("register metrics: %w", err)
 		}

@@ -114,6 +114,9 @@ type Server struct {
 	revokerCRLFailedAt atomic.Int64
 	lim                *limitState // connection, stream and log limits (limits.go)
 
+	// rollout follows which roots each Envoy ACKed (trustrollout.go).
+	rollout *trustRollout
+
 	mu      sync.Mutex
 	streams map[int64]*streamState
 	live    map[string]*liveNode
@@ -246,6 +249,7 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 		streams: make(map[int64]*streamState),
 		live:    make(map[string]*liveNode),
 		draw:    newSpreader(),
+		rollout: newTrustRollout(),
 	}
 	s.lim = newLimitState(s)
 	s.sched = newScheduler(cfg.Now, s.renew)
@@ -284,6 +288,7 @@ func (s *Server) refreshRootsLoop(ctx context.Context) {
 				s.log.Warn("trust bundle refresh failed; keeping the current one", "error", err)
 			}
 			cancel()
+			s.logTrustRollout()
 			s.sweepIdle(2 * s.cfg.RootsRefresh)
 		}
 	}
@@ -490,6 +495,7 @@ func (s *Server) sweepIdle(grace time.Duration) int {
 	for _, ln := range drop {
 		s.sched.unschedule(ln)
 		s.cache.removeNode(ln.rec.ID)
+		s.rollout.forget(ln.rec.ID)
 	}
 	if len(drop) > 0 {
 		s.log.Info("forgot idle nodes", "nodes", len(drop))

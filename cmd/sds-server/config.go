@@ -54,6 +54,9 @@ type caConfig struct {
 	// left when its successor is made).
 	IntermediateTTL         time.Duration `mapstructure:"intermediate_ttl"`
 	IntermediateRenewBefore float64       `mapstructure:"intermediate_renew_before"`
+	// RootsRefresh is how often the trust bundle is re-read from the CA
+	// (step-ca's /roots): how soon a root added or removed reaches ROOTCA.
+	RootsRefresh time.Duration `mapstructure:"roots_refresh"`
 }
 
 // CA backends.
@@ -88,6 +91,7 @@ var defaults = map[string]any{
 	"ca.password_file":             "",
 	"ca.intermediate_ttl":          local.DefaultIntermediateTTL,
 	"ca.intermediate_renew_before": local.DefaultIntermediateRenewBefore,
+	"ca.roots_refresh":             time.Minute,
 }
 
 // flagKeys maps flag names to config keys, for binding.
@@ -197,6 +201,9 @@ func (c *config) validate() error {
 }
 
 func (c *caConfig) validate(allowShortTTL bool) error {
+	if c.RootsRefresh < time.Second {
+		return fmt.Errorf("ca.roots_refresh %s: want at least 1s (how often the trust bundle is re-read from the CA)", c.RootsRefresh)
+	}
 	switch c.Backend {
 	case backendLocal:
 		return local.ValidateLifecycle(c.IntermediateTTL, c.IntermediateRenewBefore, allowShortTTL)

@@ -318,8 +318,9 @@ func TestConfigValidate(t *testing.T) {
 		{name: "short intermediate ttl allowed", mod: func(c *config) { c.CA.IntermediateTTL, c.AllowShortTTL = 90*time.Second, true }},
 		{name: "intermediate renew before out of range", mod: func(c *config) { c.CA.IntermediateRenewBefore = 1.5 }, wantErr: []string{"ca.intermediate_renew_before"}},
 		{name: "intermediate keys unused by step-ca", mod: func(c *config) {
-			c.CA = caConfig{Backend: backendStepCA, URL: "https://127.0.0.1:9000", Provisioner: "p", KeyFile: "k", RootFile: "r"}
+			c.CA = caConfig{Backend: backendStepCA, URL: "https://127.0.0.1:9000", Provisioner: "p", KeyFile: "k", RootFile: "r", RootsRefresh: time.Minute}
 		}},
+		{name: "roots refresh too short", mod: func(c *config) { c.CA.RootsRefresh = 500 * time.Millisecond }, wantErr: []string{"ca.roots_refresh", "at least 1s"}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

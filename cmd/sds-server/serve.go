@@ -151,6 +151,7 @@ func serve(ctx context.Context, cfg *config, stdout, stderr io.Writer) error {
 		Metrics:       sds.NewMetrics(reg),
 		Logger:        log,
 		Limits:        limits,
+		RootsRefresh:  cfg.CA.RootsRefresh,
 	})
 	if err != nil {
 		return err
@@ -163,6 +164,9 @@ func serve(ctx context.Context, cfg *config, stdout, stderr io.Writer) error {
 	}, nil)
 	if err != nil {
 		return err
+	}
+	if sc, ok := ca.(*stepca.Issuer); ok {
+		followStepCAIntermediate(ctx, log, sc, servingCert, srv)
 	}
 	localCA, isLocal := ca.(*local.CA)
 	if isLocal {
@@ -251,6 +255,7 @@ func openIssuer(ctx context.Context, cfg *config, log *slog.Logger, observe func
 			URL:    c.URL, RootFingerprint: c.RootFingerprint, RootFile: c.RootFile,
 			Provisioner: c.Provisioner, KeyFile: c.KeyFile, PasswordFile: c.PasswordFile,
 			TrustDomain: cfg.TrustDomain, TTL: cfg.CertTTL, AllowShortTTL: cfg.AllowShortTTL,
+			StateFile: filepath.Join(cfg.DataDir, "stepca-roots.json"),
 		})
 		if err != nil {
 			return nil, "", err

@@ -88,7 +88,9 @@ func (iss *Issuer) Issue(ctx context.Context, req issuer.Request) (*issuer.Certi
 	}
 	iss.leafCRLDP.Store(&leaf.CRLDistributionPoints)
 	if len(chain) > 1 {
-		iss.inter.Store(chain[1])
+		if old := iss.inter.Swap(chain[1]); old != nil && !old.Equal(chain[1]) {
+			iss.intermediateChanged(old, chain[1])
+		}
 	}
 	// IssuedAt is the requested issue time: NotBefore is backdated from it.
 	issuedAt := leaf.NotBefore.Add(issuer.Backdate)
@@ -163,8 +165,13 @@ func (iss *Issuer) ServerCertificate(hosts []string, ttl time.Duration) (tls.Cer
 	for _, c := range chain {
 		out.Certificate = append(out.Certificate, c.Raw)
 	}
-	if !chain[len(chain)-1].Equal(iss.root) {
-		out.Certificate = append(out.Certificate, iss.root.Raw)
+	last := chain[len(chain)-1]
+	root := iss.trust.Load().issuerOf(last)
+	if root != nil && !root.Equal(last) {
+		out.Certificate = append(out.Certificate, root.Raw)
+	}
+	if root != nil {
+		iss.servingRoot.Store(root)
 	}
 	return out, nil
 }
@@ -274,9 +281,7 @@ func (iss *Issuer) sign(ctx context.Context, r signRequest) (*x509.Certificate, 
 	for _, c := range chain[1:] {
 		inter.AddCert(c)
 	}
-	roots := x509.NewCertPool()
-	roots.AddCert(iss.root)
-	if _, err := leaf.Verify(x509.VerifyOptions{Roots: roots, Intermediates: inter, CurrentTime: leaf.NotBefore.Add(issuer.Backdate),
+	if _, err := leaf.Verify(x509.VerifyOptions{Roots: iss.trust.Load().pool, Intermediates: inter, CurrentTime: leaf.NotBefore.Add(issuer.Backdate),
 		KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageAny}}); err != nil {
 		return nil, nil, fmt.Errorf("step-ca at %s: sign: the certificate does not chain to the pinned root: %w", iss.url, err)
 	}
@@ -298,7 +303,7 @@ func (iss *Issuer) token(subject string, sans []string, claim sdsClaim) (string,
 		token.WithAudience(iss.audience),
 		token.WithValidity(now, now.Add(tokenLifetime)),
 		token.WithSANS(sans),
-		token.WithSHA(iss.fingerprint),
+		token.WithSHA(fingerprint(iss.Root())),
 		token.WithClaim("sds", claim),
 	)
 	if err != nil {

@@ -90,7 +90,7 @@ func (iss *Issuer) revokeToken(serial string) (string, error) {
 		token.WithIssuer(iss.provisioner),
 		token.WithAudience(iss.url.ResolveReference(&url.URL{Path: "/1.0/revoke"}).String()),
 		token.WithValidity(now, now.Add(tokenLifetime)),
-		token.WithSHA(iss.fingerprint),
+		token.WithSHA(fingerprint(iss.Root())),
 	)
 	if err != nil {
 		return "", err

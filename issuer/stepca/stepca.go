@@ -29,7 +29,9 @@ import (
 	"net/http"
 	"net/url"
 	"os"
+	"slices"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -95,6 +97,10 @@ type Options struct {
 	Logger *slog.Logger
 	// Now is the clock; nil means time.Now.
 	Now func() time.Time
+	// StateFile keeps the roots learned from step-ca (<data_dir>/stepca-roots.json),
+	// so that a restart after step-ca dropped the configured root still
+	// authenticates step-ca; empty keeps them in memory only.
+	StateFile string
 }
 
 // Bounds are the certificate lifetimes a provisioner accepts: step-ca
@@ -126,8 +132,9 @@ type Issuer struct {
 	provisioner   string
 	audience      string
 	jwk           *jose.JSONWebKey
-	root          *x509.Certificate // the pinned root
-	fingerprint   string            // hex SHA-256 of root
+	pin           []string // fingerprints of the configured pin
+	stateFile     string
+	log           *slog.Logger
 	bounds        Bounds
 	trustDomain   string
 	allowShortTTL bool
@@ -142,6 +149,16 @@ type Issuer struct {
 	// crlDP is the distribution point of step-ca's CRL, put in every
 	// workload certificate so that the CRL applies to it.
 	crlDP atomic.Pointer[string]
+	// trust is the set of roots step-ca is authenticated by and its
+	// certificates must chain to (trust.go); trustMu serialises its updates.
+	trust   atomic.Pointer[trustSet]
+	trustMu sync.Mutex
+	// servingRoot is the root the last ServerCertificate chains to: what
+	// bootstrap clients see in the handshake, so new tokens pin it.
+	servingRoot atomic.Pointer[x509.Certificate]
+	// onInterChange is called when step-ca starts signing with another
+	// intermediate (OnIntermediateChange).
+	onInterChange atomic.Pointer[func()]
 }
 
 var (
@@ -182,10 +199,26 @@ func Open(ctx context.Context, opts Options) (*Issuer, error) {
 		allowShortTTL: opts.AllowShortTTL,
 		timeout:       opts.Timeout,
 		now:           opts.Now,
+		stateFile:     opts.StateFile,
+		log:           opts.Logger,
+	}
+	if opts.Logger == nil {
+		iss.log = slog.New(slog.DiscardHandler)
+	}
+	if len(fileRoots) > 0 {
+		for _, r := range fileRoots {
+			iss.pin = append(iss.pin, fingerprint(r))
+		}
+	} else {
+		iss.pin = []string{opts.RootFingerprint}
+	}
+	learned, err := loadTrustState(opts.StateFile, iss.pin)
+	if err != nil {
+		return nil, err
 	}
 	var prov *provisioner.JWK
 	err = retry(ctx, opts.Logger, opts.ConnectAttempts, opts.ConnectBackoff, func() error {
-		if err := iss.connect(ctx, opts.RootFingerprint, fileRoots); err != nil {
+		if err := iss.connect(ctx, opts.RootFingerprint, fileRoots, learned); err != nil {
 			return err
 		}
 		prov, err = iss.findProvisioner(ctx)
@@ -357,8 +390,10 @@ func (iss *Issuer) transport(tlsConf *tls.Config) *http.Transport {
 // connect pins the root and makes the verified client. With a fingerprint,
 // the roots are first read without verification (step's bootstrap) and the
 // one with the fingerprint is pinned; then the roots are read again over TLS
-// verified against it.
-func (iss *Issuer) connect(ctx context.Context, fp string, fileRoots []*x509.Certificate) error {
+// verified against it. learned are the roots a previous run followed step-ca
+// to (the state file): trusted too, so that a step-ca that has dropped the
+// configured root after a rotation is still authenticated.
+func (iss *Issuer) connect(ctx context.Context, fp string, fileRoots, learned []*x509.Certificate) error {
 	pinned := fileRoots
 	if len(pinned) == 0 {
 		insecure, err := ca.NewClient(iss.url.String(), ca.WithTransport(iss.transport(&tls.Config{InsecureSkipVerify: true})), ca.WithTimeout(iss.timeout)) //nolint:gosec // checked against the fingerprint below
@@ -382,33 +417,89 @@ func (iss *Issuer) connect(ctx context.Context, fp string, fileRoots []*x509.Cer
 				seen = append(seen, got)
 			}
 		}
-		if len(pinned) == 0 {
-			return permanent(fmt.Errorf("step-ca at %s has no root with fingerprint %s (its roots: %s): check the root fingerprint", iss.url, fp, strings.Join(seen, ", ")))
+		if len(pinned) == 0 && len(learned) == 0 {
+			return permanent(fmt.Errorf("step-ca at %s has no root with fingerprint %s (its roots: %s): check the root fingerprint; if step-ca's root was rotated, pin the new root", iss.url, fp, strings.Join(seen, ", ")))
 		}
 	}
-	pool := x509.NewCertPool()
-	for _, r := range pinned {
-		pool.AddCert(r)
+	trusted := slices.Clone(pinned)
+	for _, r := range learned {
+		if !slices.ContainsFunc(trusted, r.Equal) {
+			trusted = append(trusted, r)
+		}
 	}
-	tr := iss.transport(&tls.Config{RootCAs: pool})
+	iss.trust.Store(newTrustSet(trusted))
+	// Verified against the trust set at each handshake (verifyConnection),
+	// so the pin can move without a new client.
+	tr := iss.transport(&tls.Config{InsecureSkipVerify: true, VerifyConnection: iss.verifyConnection}) //nolint:gosec // verified by VerifyConnection
 	client, err := ca.NewClient(iss.url.String(), ca.WithTransport(tr), ca.WithTimeout(iss.timeout))
 	if err != nil {
 		return permanent(fmt.Errorf("step-ca client: %w", err))
 	}
+	served, err := rootsOf(ctx, iss, client)
+	if err != nil {
+		return err
+	}
+	if !slices.ContainsFunc(served, func(c *x509.Certificate) bool { return slices.ContainsFunc(trusted, c.Equal) }) {
+		var fps []string
+		for _, r := range trusted {
+			fps = append(fps, fingerprint(r))
+		}
+		return permanent(fmt.Errorf("step-ca at %s does not list the pinned root (%s) among its roots", iss.url, strings.Join(fps, ", ")))
+	}
+	iss.client = client
+	iss.httpc = &http.Client{Transport: tr, Timeout: iss.timeout}
+	return iss.follow(served)
+}
+
+// rootsOf reads the roots step-ca serves through client.
+func rootsOf(ctx context.Context, iss *Issuer, client *ca.Client) ([]*x509.Certificate, error) {
 	resp, err := client.RootsWithContext(ctx)
 	if err != nil {
-		return iss.requestError("read roots", err)
+		return nil, iss.requestError("read roots", err)
 	}
+	var served []*x509.Certificate
 	for _, c := range resp.Certificates {
-		for _, r := range pinned {
-			if c.Certificate != nil && c.Certificate.Equal(r) {
-				iss.root, iss.fingerprint, iss.client = r, fingerprint(r), client
-				iss.httpc = &http.Client{Transport: tr, Timeout: iss.timeout}
-				return nil
-			}
+		if c.Certificate != nil && c.Certificate.IsCA && !slices.ContainsFunc(served, c.Certificate.Equal) {
+			served = append(served, c.Certificate)
 		}
 	}
-	return permanent(fmt.Errorf("step-ca at %s does not list the pinned root (%s) among its roots", iss.url, fingerprint(pinned[0])))
+	if len(served) == 0 {
+		return nil, permanent(fmt.Errorf("step-ca at %s serves no root certificate at /roots", iss.url))
+	}
+	return served, nil
+}
+
+// follow makes the roots step-ca served (over TLS verified by the current
+// trust set) the trust set, logs what changed and keeps it in the state
+// file. A failed write is logged, not returned: the new set is right, only
+// a restart would fall back to the older one.
+func (iss *Issuer) follow(served []*x509.Certificate) error {
+	iss.trustMu.Lock()
+	defer iss.trustMu.Unlock()
+	cur := iss.trust.Load()
+	roots := orderRoots(served, cur.roots, iss.servingRoot.Load(), iss.inter.Load())
+	if cur.equal(roots) {
+		return nil
+	}
+	var added, removed []string
+	for _, r := range roots {
+		if !cur.contains(r) {
+			added = append(added, fingerprint(r))
+		}
+	}
+	for _, r := range cur.roots {
+		if !slices.ContainsFunc(roots, r.Equal) {
+			removed = append(removed, fingerprint(r))
+		}
+	}
+	iss.trust.Store(newTrustSet(roots))
+	if len(added) > 0 || len(removed) > 0 {
+		iss.log.Info("step-ca roots changed", "url", iss.url.String(), "added", added, "removed", removed, "pinned_root", fingerprint(roots[0]), "roots", len(roots))
+	}
+	if err := saveTrustState(iss.stateFile, iss.pin, roots); err != nil {
+		iss.log.Error("could not save the roots learned from step-ca; a restart will trust the configured root only", "file", iss.stateFile, "error", err)
+	}
+	return nil
 }
 
 // findProvisioner looks the JWK provisioner up by name.
@@ -490,25 +581,26 @@ func (iss *Issuer) checkTTL(ttl time.Duration) error {
 // Bounds returns the lifetime bounds of the provisioner.
 func (iss *Issuer) Bounds() Bounds { return iss.bounds }
 
-// Root returns the pinned root: the trust anchor bootstrap tokens pin.
-func (iss *Issuer) Root() *x509.Certificate { return iss.root }
+// Root returns the root new bootstrap tokens pin: the one that signed
+// step-ca's current intermediate (after the first signature), which the
+// SDS listener's certificate chains to.
+func (iss *Issuer) Root() *x509.Certificate { return iss.trust.Load().roots[0] }
 
-// Roots returns step-ca's roots, read over verified TLS, the pinned root
-// first (the one new bootstrap tokens pin). It implements issuer.Issuer.
+// Roots returns step-ca's roots, read over TLS verified against the roots
+// trusted so far, Root first. It implements issuer.Issuer. What step-ca
+// serves becomes the trust set: a root added to step-ca is trusted from
+// now on, a root removed is no longer (see trustSet).
 func (iss *Issuer) Roots(ctx context.Context) ([]*x509.Certificate, error) {
 	ctx, cancel := context.WithTimeout(ctx, iss.timeout)
 	defer cancel()
-	resp, err := iss.client.RootsWithContext(ctx)
+	served, err := rootsOf(ctx, iss, iss.client)
 	if err != nil {
-		return nil, iss.requestError("read roots", err)
+		return nil, err
 	}
-	roots := []*x509.Certificate{iss.root}
-	for _, c := range resp.Certificates {
-		if c.Certificate != nil && !c.Certificate.Equal(iss.root) {
-			roots = append(roots, c.Certificate)
-		}
+	if err := iss.follow(served); err != nil {
+		return nil, err
 	}
-	return roots, nil
+	return slices.Clone(iss.trust.Load().roots), nil
 }
 
 // requestError describes a failed request to step-ca. Transport failures
