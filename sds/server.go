@@ -100,6 +100,8 @@ type Server struct {
 	draw  *spreader
 
 	rootCA atomic.Pointer[rootBundle]
+	// bundles tracks the trust bundle each node ACKed (bundleack.go).
+	bundles *bundleAcks
 	pubMu  sync.Mutex // serialises pushes of shared resources (ROOTCA, policies, deny list)
 	// policies are the encoded ACL filters; revokedRes the deny list.
 	policies    atomic.Pointer[policySet]
@@ -126,7 +128,8 @@ type Server struct {
 // rootBundle is the current trust bundle, revocation list and the encoded
 // ROOTCA secret carrying both.
 type rootBundle struct {
-	roots []*x509.Certificate
+	roots   []*x509.Certificate
+	version string // BundleVersion(roots)
 	crl   *issuer.CRL
 	res   *resource
 }
@@ -246,6 +249,7 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 		streams: make(map[int64]*streamState),
 		live:    make(map[string]*liveNode),
 		draw:    newSpreader(),
+		bundles: newBundleAcks(),
 	}
 	s.lim = newLimitState(s)
 	s.sched = newScheduler(cfg.Now, s.renew)
@@ -336,7 +340,9 @@ func (s *Server) publishRootCA(roots []*x509.Certificate, crl *issuer.CRL) error
 	if err != nil {
 		return err
 	}
-	old := s.rootCA.Swap(&rootBundle{roots: roots, crl: crl, res: res})
+	version := BundleVersion(roots)
+	s.bundles.published(res, version)
+	old := s.rootCA.Swap(&rootBundle{roots: roots, version: version, crl: crl, res: res})
 	if old != nil && old.res.version == res.version {
 		return nil
 	}
@@ -490,6 +496,7 @@ func (s *Server) sweepIdle(grace time.Duration) int {
 	for _, ln := range drop {
 		s.sched.unschedule(ln)
 		s.cache.removeNode(ln.rec.ID)
+		s.bundles.forget(ln.rec.ID)
 	}
 	if len(drop) > 0 {
 		s.log.Info("forgot idle nodes", "nodes", len(drop))
