@@ -102,7 +102,7 @@ type Server struct {
 	rootCA atomic.Pointer[rootBundle]
 	// bundles tracks the trust bundle each node ACKed (bundleack.go).
 	bundles *bundleAcks
-	pubMu  sync.Mutex // serialises pushes of shared resources (ROOTCA, policies, deny list)
+	pubMu   sync.Mutex // serialises pushes of shared resources (ROOTCA, policies, deny list)
 	// policies are the encoded ACL filters; revokedRes the deny list.
 	policies    atomic.Pointer[policySet]
 	policyWatch atomic.Pointer[policyWatcher]
@@ -130,8 +130,8 @@ type Server struct {
 type rootBundle struct {
 	roots   []*x509.Certificate
 	version string // BundleVersion(roots)
-	crl   *issuer.CRL
-	res   *resource
+	crl     *issuer.CRL
+	res     *resource
 }
 
 // streamState is what the server knows of one open stream.
