@@ -192,7 +192,7 @@ func (s *signerState) file() *stateFile {
 func legacyState() *stateFile {
 	return &stateFile{
 		Format: stateFormat,
-		Roots: []rootEntry{{Name: legacyRootName, Cert: RootCertFile, Key: RootKeyFile, Status: rootStatusActive}},
+		Roots:  []rootEntry{{Name: legacyRootName, Cert: RootCertFile, Key: RootKeyFile, Status: rootStatusActive}},
 		Intermediates: []interEntry{{Generation: 1, Cert: IntermediateCertFile, Key: IntermediateKeyFile,
 			Root: legacyRootName, Status: statusActive}},
 	}
@@ -290,7 +290,7 @@ type CertificateInfo struct {
 	// Status is a root's: "active" (over the intermediate that signs),
 	// "incoming" or "outgoing" (during a rotation); "" for intermediates.
 	Status string
-	Cert       *x509.Certificate
+	Cert   *x509.Certificate
 }
 
 // Certificates lists the CA certificates held now, roots first: what an
