@@ -81,6 +81,8 @@ func (s *Server) AdminHandler() http.Handler {
 	mux.HandleFunc("GET /v1/roots", s.handleRoots)
 	mux.HandleFunc("GET /v1/acl", s.handleACL)
 	mux.HandleFunc("GET /v1/status", s.handleStatus)
+	mux.HandleFunc("POST /v1/ca/rotate", s.handleCARotate)
+	mux.HandleFunc("GET /v1/ca/status", s.handleCAStatus)
 	return jsonErrors{mux}
 }
 

@@ -102,7 +102,10 @@ type Server struct {
 	rootCA atomic.Pointer[rootBundle]
 	// bundles tracks the trust bundle each node ACKed (bundleack.go).
 	bundles *bundleAcks
-	pubMu   sync.Mutex // serialises pushes of shared resources (ROOTCA, policies, deny list)
+	// rotation drives the built-in CA's root rotation (carotation.go);
+	// nil with another CA.
+	rotation atomic.Pointer[RotationDriver]
+	pubMu    sync.Mutex // serialises pushes of shared resources (ROOTCA, policies, deny list)
 	// policies are the encoded ACL filters; revokedRes the deny list.
 	policies    atomic.Pointer[policySet]
 	policyWatch atomic.Pointer[policyWatcher]
@@ -171,6 +174,10 @@ type liveNode struct {
 
 	due       time.Time // guarded by scheduler.mu
 	heapIndex int       // position in the scheduler's heap, -1 if not scheduled
+
+	// forceRenew makes the next scheduled renewal issue even if the
+	// certificate is not due (a root rotation re-issues every one).
+	forceRenew atomic.Bool
 
 	hmu      sync.Mutex // guards the renewal health and serving fields
 	failures int        // consecutive failed renewals
@@ -540,10 +547,11 @@ func (s *Server) renew(ctx context.Context, ln *liveNode) {
 	ln.hmu.Lock()
 	failing := ln.failures > 0
 	ln.hmu.Unlock()
-	if cs := ln.cur.Load(); cs != nil && !failing && cs.renewAt.After(s.now()) {
+	if cs := ln.cur.Load(); cs != nil && !failing && !ln.forceRenew.Load() && cs.renewAt.After(s.now()) {
 		s.sched.schedule(ln, cs.renewAt) // renewed meanwhile (reconnection)
 		return
 	}
+	ln.forceRenew.Store(false)
 	ictx, cancel := context.WithTimeout(ctx, s.cfg.IssueTimeout)
 	err := s.issueLocked(ictx, ln)
 	cancel()

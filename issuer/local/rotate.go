@@ -44,6 +44,8 @@ type RotationInfo struct {
 	Phase                     string
 	StartedAt, PhaseStartedAt time.Time
 	OldRoot, NewRoot          *x509.Certificate
+	// RenewOver is what BeginRotation was given (0: the caller's default).
+	RenewOver time.Duration
 }
 
 // Rotation returns the root rotation in progress, false when none.
@@ -53,7 +55,7 @@ func (ca *CA) Rotation() (RotationInfo, bool) {
 		return RotationInfo{}, false
 	}
 	return RotationInfo{Phase: r.phase, StartedAt: r.startedAt, PhaseStartedAt: r.phaseStartedAt,
-		OldRoot: r.oldRoot.cert, NewRoot: r.newRoot.cert}, true
+		OldRoot: r.oldRoot.cert, NewRoot: r.newRoot.cert, RenewOver: r.renewOver}, true
 }
 
 // UnderRoot reports whether the CA certificate that follows a leaf in its
@@ -66,8 +68,9 @@ func UnderRoot(issuerCert, root *x509.Certificate) bool {
 // certificate with B's subject and key signed by the active root (A), and
 // an intermediate under B, writes them, then the state file naming B
 // incoming (PhaseTrustBoth). Nothing signed under B is used for workload
-// certificates before AdvanceRotation.
-func (ca *CA) BeginRotation(ctx context.Context) error {
+// certificates before AdvanceRotation. renewOver is recorded for the
+// caller (how long phase 2 spreads the re-issue over).
+func (ca *CA) BeginRotation(ctx context.Context, renewOver time.Duration) error {
 	if err := ctx.Err(); err != nil {
 		return err
 	}
@@ -137,7 +140,7 @@ func (ca *CA) BeginRotation(ctx context.Context) error {
 	next := st.with()
 	next.roots = append(next.roots, rb)
 	next.incoming = in
-	next.rotation = &rotation{phase: PhaseTrustBoth, startedAt: now, phaseStartedAt: now, oldRoot: a, newRoot: rb}
+	next.rotation = &rotation{phase: PhaseTrustBoth, startedAt: now, phaseStartedAt: now, oldRoot: a, newRoot: rb, renewOver: renewOver}
 	if err := ca.disk.writeState(next.file()); err != nil {
 		return fmt.Errorf("record the new root: %w", err)
 	}
@@ -189,7 +192,7 @@ func withStatus(st *signerState, status map[string]string, dropKey map[string]bo
 	}
 	if r := st.rotation; r != nil {
 		next.rotation = &rotation{phase: r.phase, startedAt: r.startedAt, phaseStartedAt: r.phaseStartedAt,
-			oldRoot: byName[r.oldRoot.name], newRoot: byName[r.newRoot.name]}
+			oldRoot: byName[r.oldRoot.name], newRoot: byName[r.newRoot.name], renewOver: r.renewOver}
 	}
 	return next
 }

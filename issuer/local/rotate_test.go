@@ -72,7 +72,7 @@ func TestRootRotation(t *testing.T) {
 	a := ca.Root()
 	oldLeaf := issueLeaf(t, ca)
 
-	if err := ca.BeginRotation(ctx); err != nil {
+	if err := ca.BeginRotation(ctx, 0); err != nil {
 		t.Fatal(err)
 	}
 	info, ok := ca.Rotation()
@@ -83,7 +83,7 @@ func TestRootRotation(t *testing.T) {
 	if got := bundleNames(ca); got != "sds-server root CA 2,sds-server root CA" {
 		t.Fatalf("phase 1 bundle %s, want the new root first, then the old", got)
 	}
-	if err := ca.BeginRotation(ctx); err == nil || !strings.Contains(err.Error(), "already in progress") {
+	if err := ca.BeginRotation(ctx, 0); err == nil || !strings.Contains(err.Error(), "already in progress") {
 		t.Errorf("second BeginRotation: %v", err)
 	}
 	// Workload certificates still come from A's intermediate.
@@ -176,7 +176,7 @@ func TestRootRotation(t *testing.T) {
 		t.Errorf("renewal after the rotation: generation %d under %s", got.gen, got.root.cert.Subject)
 	}
 	// A second rotation works too (B cross-signs C).
-	if err := re.BeginRotation(ctx); err != nil {
+	if err := re.BeginRotation(ctx, 0); err != nil {
 		t.Fatalf("second rotation: %v", err)
 	}
 }
@@ -199,7 +199,7 @@ func TestAbortRotation(t *testing.T) {
 			ca, dir := newTestCA(t, lifecycleOptions(clk, nil))
 			a := ca.Root()
 			gen := ca.state.Load().active.gen
-			if err := ca.BeginRotation(ctx); err != nil {
+			if err := ca.BeginRotation(ctx, 0); err != nil {
 				t.Fatal(err)
 			}
 			var bLeaf *issuer.Certificate
@@ -232,7 +232,7 @@ func TestAbortRotation(t *testing.T) {
 				t.Errorf("second abort: %v", err)
 			}
 			// A new rotation can start again.
-			if err := ca.BeginRotation(ctx); err != nil {
+			if err := ca.BeginRotation(ctx, 0); err != nil {
 				t.Fatalf("rotation after abort: %v", err)
 			}
 		})
@@ -242,7 +242,7 @@ func TestAbortRotation(t *testing.T) {
 // rotateAll drives a rotation from wherever ca is to completion.
 func rotateAll(ctx context.Context, ca *CA) error {
 	if _, ok := ca.Rotation(); !ok {
-		if err := ca.BeginRotation(ctx); err != nil {
+		if err := ca.BeginRotation(ctx, 0); err != nil {
 			return err
 		}
 	}

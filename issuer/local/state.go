@@ -74,6 +74,7 @@ type rotation struct {
 	phase                     string
 	startedAt, phaseStartedAt time.Time
 	oldRoot, newRoot          *rootCA
+	renewOver                 time.Duration
 }
 
 // with returns a copy of s for a change to build on.
@@ -165,7 +166,7 @@ func (s *signerState) file() *stateFile {
 	}
 	if r := s.rotation; r != nil {
 		sf.Rotation = &rotationEntry{Phase: r.phase, StartedAt: r.startedAt.UTC(), PhaseStartedAt: r.phaseStartedAt.UTC(),
-			OldRoot: r.oldRoot.name, NewRoot: r.newRoot.name}
+			OldRoot: r.oldRoot.name, NewRoot: r.newRoot.name, RenewOverSeconds: r.renewOver.Seconds()}
 	}
 	add := func(in *intermediate, status string) {
 		e := interEntry{Generation: in.gen, Cert: in.certFile, Key: in.keyFile, Root: in.root.name, Status: status}
@@ -241,7 +242,7 @@ func loadState(dir string, sf *stateFile) (*signerState, error) {
 	}
 	if e := sf.Rotation; e != nil {
 		st.rotation = &rotation{phase: e.Phase, startedAt: e.StartedAt, phaseStartedAt: e.PhaseStartedAt,
-			oldRoot: roots[e.OldRoot], newRoot: roots[e.NewRoot]}
+			oldRoot: roots[e.OldRoot], newRoot: roots[e.NewRoot], renewOver: time.Duration(e.RenewOverSeconds * float64(time.Second))}
 	}
 	for _, e := range sf.Intermediates {
 		r := roots[e.Root]

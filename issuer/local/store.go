@@ -96,6 +96,9 @@ type rotationEntry struct {
 	PhaseStartedAt time.Time `json:"phase_started_at"`
 	OldRoot        string    `json:"old_root"`
 	NewRoot        string    `json:"new_root"`
+	// RenewOverSeconds is how long the operator asked the re-issue of
+	// phase 2 to be spread over (kept for the SDS server across restarts).
+	RenewOverSeconds float64 `json:"renew_over_seconds,omitempty"`
 }
 
 // interEntry is one intermediate generation of the state file.
