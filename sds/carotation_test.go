@@ -1,0 +1,123 @@
+package sds
+
+import (
+	"context"
+	"errors"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/meshid/sds-server/issuer/local"
+)
+
+// acker ACKs every response on s until stop is called.
+func acker(t *testing.T, s xdsStream, names []string) (stop func()) {
+	t.Helper()
+	var wg sync.WaitGroup
+	done := make(chan struct{})
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for {
+			select {
+			case <-done:
+				return
+			default:
+			}
+			r, err := s.recv(100 * time.Millisecond)
+			if err != nil {
+				continue
+			}
+			_ = s.send(xdsReq{version: r.version, nonce: r.nonce, names: names})
+		}
+	}()
+	return func() { close(done); wg.Wait() }
+}
+
+// TestRotationDriver: a sidecar that never ACKs holds phase 1 and is named;
+// --continue without --force refuses, with --force advances naming it;
+// the rest of the rotation runs on the ACKs of the other sidecar; once
+// complete, a token pinning the old root is refused with a message saying
+// to create a new one.
+func TestRotationDriver(t *testing.T) {
+	env := newTestEnv(t)
+	ctx := context.Background()
+	token, _ := env.token(t, "frontend", 0, 0)
+	names := []string{SecretDefault, SecretRootCA}
+
+	r, good := env.fetch(t, sdsSotw, token, "good", names...)
+	send(t, good, xdsReq{version: r.version, nonce: r.nonce, names: names})
+	r, silent := env.fetch(t, sdsSotw, token, "silent", names...)
+	send(t, silent, xdsReq{version: r.version, nonce: r.nonce, names: names})
+	if !eventually(5*time.Second, func() bool { return env.srv.BundleRollout().Acked == 2 }) {
+		t.Fatalf("before the rotation: %+v", env.srv.BundleRollout())
+	}
+	stopAck := acker(t, good, names)
+	defer stopAck()
+
+	d, err := NewRotationDriver(env.srv, env.ca, time.Second, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := d.Start(ctx, 2*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	silentID := ""
+	if !eventually(10*time.Second, func() bool {
+		d.tick(ctx)
+		st := d.Status()
+		if st.Done == 1 && st.Total == 2 && len(st.Laggards) == 1 {
+			silentID = st.Laggards[0].NodeID
+			return true
+		}
+		return false
+	}) {
+		t.Fatalf("phase 1 status %+v: want 1 of 2 done, the silent sidecar named", d.Status())
+	}
+	for range 3 {
+		d.tick(ctx)
+	}
+	if info, _ := env.ca.Rotation(); info.Phase != local.PhaseTrustBoth {
+		t.Fatalf("phase %s advanced past a sidecar that never ACKed", info.Phase)
+	}
+	if rep := env.srv.Status(ctx); rep.Rotation == nil || rep.Rotation.Phase != local.PhaseTrustBoth {
+		t.Errorf("status rotation %+v", rep.Rotation)
+	}
+	if _, _, err := d.Continue(ctx, false); !errors.Is(err, ErrNotDone) || !strings.Contains(err.Error(), silentID) {
+		t.Fatalf("continue without force: %v, want it to name %s", err, silentID)
+	}
+	phase, lag, err := d.Continue(ctx, true)
+	if err != nil || phase != local.PhaseReissue || len(lag) != 1 || lag[0].NodeID != silentID {
+		t.Fatalf("continue --force: %s %+v %v", phase, lag, err)
+	}
+	if h := d.Status().History; len(h) != 2 || len(h[1].Forced) != 1 || h[1].Forced[0] != silentID {
+		t.Errorf("history %+v: want the forced step naming %s", h, silentID)
+	}
+	silent.close() // it leaves; the rest runs on the good sidecar's ACKs
+
+	if !eventually(20*time.Second, func() bool {
+		env.clock.Advance(500 * time.Millisecond)
+		d.tick(ctx)
+		_, ok := env.ca.Rotation()
+		return !ok
+	}) {
+		t.Fatalf("rotation did not complete: %+v", d.Status())
+	}
+	roots := env.srv.Roots()
+	if len(roots) != 1 || !roots[0].Equal(env.ca.Root()) {
+		t.Fatalf("bundle after completion has %d roots, want the new root alone", len(roots))
+	}
+	hist := d.Status().History
+	if len(hist) != 4 || hist[3].Phase != local.PhaseComplete || hist[3].Done != hist[3].Total {
+		t.Errorf("history %+v", hist)
+	}
+
+	// The token pins the old root: refused, saying what to do.
+	s := env.open(t, sdsSotw, bearer(token))
+	_ = s.send(xdsReq{node: "late", names: names})
+	_, err = s.recv(5 * time.Second)
+	if err == nil || !strings.Contains(err.Error(), "predates a CA rotation") || !strings.Contains(err.Error(), "token create") {
+		t.Errorf("token pinning the old root after the rotation: %v", err)
+	}
+}
