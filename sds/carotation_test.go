@@ -43,7 +43,7 @@ func acker(t *testing.T, s xdsStream, names []string) (stop func()) {
 func TestRotationDriver(t *testing.T) {
 	env := newTestEnv(t)
 	ctx := context.Background()
-	token, _ := env.token(t, "frontend", 0, 0)
+	token, rec := env.token(t, "frontend", 0, 0)
 	names := []string{SecretDefault, SecretRootCA}
 
 	r, good := env.fetch(t, sdsSotw, token, "good", names...)
@@ -113,7 +113,10 @@ func TestRotationDriver(t *testing.T) {
 		t.Errorf("history %+v", hist)
 	}
 
-	// The token pins the old root: refused, saying what to do.
+	// The token pins the old root: listed stale, refused, saying what to do.
+	if got := env.srv.tokenInfo(rec).Status; got != TokenStaleRoot {
+		t.Errorf("token list status %q, want %q", got, TokenStaleRoot)
+	}
 	s := env.open(t, sdsSotw, bearer(token))
 	_ = s.send(xdsReq{node: "late", names: names})
 	_, err = s.recv(5 * time.Second)
