@@ -67,11 +67,11 @@ func (c callbacks) open(ctx context.Context, id int64, typeURL, protocol string)
 	if err := s.authRateRefusal(st); err != nil {
 		return c.refuse(st, id, err)
 	}
-	rec, err := s.authenticate(ctx)
+	rec, stale, err := s.authenticate(ctx)
 	if err != nil {
 		return c.refuse(st, id, err)
 	}
-	st.token = rec
+	st.token, st.staleRoot = rec, stale
 	s.mu.Lock()
 	s.streams[id] = st
 	s.mu.Unlock()

@@ -123,4 +123,38 @@ func TestRotationDriver(t *testing.T) {
 	if err == nil || !strings.Contains(err.Error(), "predates a CA rotation") || !strings.Contains(err.Error(), "token create") {
 		t.Errorf("token pinning the old root after the rotation: %v", err)
 	}
+	// The sidecars it admitted before the rotation reconnect with it (their
+	// bootstrap is not rewritten) and get their certificate, under the new
+	// root, without spending a use.
+	usesBefore := tokenUses(t, env, rec.ID)
+	for _, node := range []string{"good", "silent"} {
+		r, s := env.fetch(t, sdsSotw, token, node, names...)
+		chain, _ := leafOf(t, r.secrets[SecretDefault])
+		if len(chain) < 2 || chain[1].CheckSignatureFrom(env.ca.Root()) != nil {
+			t.Errorf("%s reconnecting after the rotation: chain %d certificates, not under the new root", node, len(chain))
+		}
+		s.close()
+	}
+	if got := tokenUses(t, env, rec.ID); got != usesBefore {
+		t.Errorf("reconnecting with the stale token took uses: %d -> %d", usesBefore, got)
+	}
+	// One away until its admission lapsed is a new node: refused.
+	if !eventually(5*time.Second, func() bool { return !env.srv.hasOpenStreams(silentID) }) {
+		t.Fatal("the silent sidecar's stream is still open after it closed it")
+	}
+	env.clock.Advance(48 * time.Hour)
+	s = env.open(t, sdsSotw, bearer(token))
+	_ = s.send(xdsReq{node: "silent", names: names})
+	if _, err = s.recv(5 * time.Second); err == nil || !strings.Contains(err.Error(), "admitted again like a new node") || !strings.Contains(err.Error(), "predates a CA rotation") {
+		t.Errorf("node away until its admission lapsed, with the stale token: %v", err)
+	}
+}
+
+func tokenUses(t *testing.T, env *testEnv, id string) int {
+	t.Helper()
+	rec, err := env.srv.cfg.Tokens.Get(context.Background(), id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return rec.Uses
 }

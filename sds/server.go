@@ -144,12 +144,15 @@ type streamState struct {
 	protocol string // sotw, delta
 	peer     string
 	token    bootstrap.Record
-	node     *liveNode
-	xdsNode  *core.Node
-	unknown  map[string]bool // names already reported as not served
-	pending  []sentCert      // responses carrying a certificate, not yet ACKed
-	end      func(error)     // ends the stream with a cause (endStreamWith)
-	names    streamNames     // names subscribed (delta), bounded by Limits
+	// staleRoot is set when the token pins a root no longer trusted: the
+	// refusal any admission of a node with it gets.
+	staleRoot *bootstrap.AuthError
+	node      *liveNode
+	xdsNode   *core.Node
+	unknown   map[string]bool // names already reported as not served
+	pending   []sentCert      // responses carrying a certificate, not yet ACKed
+	end       func(error)     // ends the stream with a cause (endStreamWith)
+	names     streamNames     // names subscribed (delta), bounded by Limits
 }
 
 // liveNode is a node with its in-memory state: current certificate, open
@@ -402,14 +405,20 @@ func (s *Server) Serve(ctx context.Context, lis net.Listener, tlsConf *tls.Confi
 	return err
 }
 
-// authenticate checks the stream's bearer token.
-func (s *Server) authenticate(ctx context.Context) (bootstrap.Record, error) {
+// authenticate checks the stream's bearer token. A token of this server
+// pinning a root no longer in the bundle (created before a root rotation)
+// is accepted with stale set to the refusal it gets if it tries to admit a
+// node: the sidecars it admitted keep reconnecting (see staleroot.go).
+func (s *Server) authenticate(ctx context.Context) (rec bootstrap.Record, stale *bootstrap.AuthError, err error) {
 	raw := bearerToken(ctx)
-	rec, err := s.cfg.Tokens.Authenticate(ctx, raw, s.Roots())
-	if err != nil {
-		return bootstrap.Record{}, err
+	rec, err = s.cfg.Tokens.Authenticate(ctx, raw, s.Roots())
+	if ae, ok := bootstrap.AsAuthError(err); ok && ae.Reason == bootstrap.ReasonWrongRoot {
+		return s.authenticateStale(ctx, raw, ae)
 	}
-	return rec, nil
+	if err != nil {
+		return bootstrap.Record{}, nil, err
+	}
+	return rec, nil, nil
 }
 
 // admit binds a stream to its node, admitting a new node if the token has
@@ -421,6 +430,9 @@ func (s *Server) admit(st *streamState, claimed *core.Node) (*liveNode, error) {
 	}
 	ctx := st.ctx
 	rec, created, err := s.nodes.bind(ctx, st.token.ID, claimedID, func() (*Node, error) {
+		if st.staleRoot != nil {
+			return nil, st.staleRoot
+		}
 		tok, err := s.cfg.Tokens.Admit(ctx, st.token.ID)
 		if err != nil {
 			return nil, err
@@ -521,7 +533,7 @@ const reuseFraction = 0.2
 func (s *Server) ensureCertificate(ctx context.Context, ln *liveNode) error {
 	ln.mu.Lock()
 	defer ln.mu.Unlock()
-	if cs := ln.cur.Load(); cs != nil && cs.cert.Leaf.NotAfter.Sub(s.now()) > time.Duration(float64(cs.cert.TTL)*reuseFraction) {
+	if cs := ln.cur.Load(); cs != nil && cs.cert.Leaf.NotAfter.Sub(s.now()) > time.Duration(float64(cs.cert.TTL)*reuseFraction) && !s.outsideBundle(cs) {
 		if _, ok := s.sched.scheduled(ln); !ok {
 			s.sched.schedule(ln, cs.renewAt)
 		}
