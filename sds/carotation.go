@@ -246,9 +246,7 @@ func (d *RotationDriver) advance(ctx context.Context, info local.RotationInfo, d
 	d.mu.Unlock()
 	d.s.log.Info("root rotation phase advanced", "from", info.Phase, "to", phase, "sidecars_done", done, "sidecars", total,
 		"forced", strings.Join(forced, ","), "phase_took", now.Sub(info.PhaseStartedAt).Round(time.Millisecond))
-	if err := d.s.RefreshRoots(ctx); err != nil {
-		d.s.log.Warn("root rotation: could not publish the trust bundle; retrying", "error", err)
-	}
+	d.publishChange(ctx)
 	d.changed()
 	d.wake()
 	return phase, nil
@@ -264,9 +262,7 @@ func (d *RotationDriver) Start(ctx context.Context, renewOver time.Duration) err
 	d.history = []PhaseChange{{Phase: local.PhaseTrustBoth, At: d.s.now().UTC()}}
 	d.reissueTo = nil
 	d.mu.Unlock()
-	if err := d.s.RefreshRoots(ctx); err != nil {
-		d.s.log.Warn("root rotation: could not publish the trust bundle; retrying", "error", err)
-	}
+	d.publishChange(ctx)
 	d.changed()
 	d.wake()
 	return nil
@@ -325,9 +321,7 @@ func (d *RotationDriver) Abort(ctx context.Context) error {
 	d.history = append(d.history, PhaseChange{Phase: "aborted", At: now.UTC()})
 	d.reissueTo, d.reissueBy = info.OldRoot, now.Add(d.renewOver)
 	d.mu.Unlock()
-	if err := d.s.RefreshRoots(ctx); err != nil {
-		d.s.log.Warn("root rotation: could not publish the trust bundle; retrying", "error", err)
-	}
+	d.publishChange(ctx)
 	d.changed()
 	d.wake()
 	d.s.log.Info("root rotation aborted", "phase_was", info.Phase)
@@ -538,4 +532,20 @@ func (s *Server) CAStatus() CAStatusReport {
 
 func (s *Server) handleCAStatus(w http.ResponseWriter, _ *http.Request) {
 	writeJSON(w, http.StatusOK, s.CAStatus())
+}
+
+// publishChange pushes what a rotation step changed: first the revocation
+// lists, re-signed by every intermediate that may now have valid leaves (B's
+// from phase 1 on, none of A's once complete), then the trust bundle, which
+// carries them. Envoy refuses a leaf whose issuer has no list in the
+// validation context, so every sidecar must hold B's intermediate's list
+// before any leaf under it is served; publishing it first means the bundle
+// whose ACKs gate phase 1 already carries it.
+func (d *RotationDriver) publishChange(ctx context.Context) {
+	if err := d.s.refreshCRL(ctx); err != nil {
+		d.s.log.Warn("root rotation: could not re-sign the revocation lists; the CRL loop retries", "error", err)
+	}
+	if err := d.s.RefreshRoots(ctx); err != nil {
+		d.s.log.Warn("root rotation: could not publish the trust bundle; retrying", "error", err)
+	}
 }

@@ -2,6 +2,8 @@ package sds
 
 import (
 	"context"
+	"crypto/x509"
+	"encoding/pem"
 	"errors"
 	"strings"
 	"sync"
@@ -62,6 +64,12 @@ func TestRotationDriver(t *testing.T) {
 	}
 	if err := d.Start(ctx, 2*time.Second); err != nil {
 		t.Fatal(err)
+	}
+	// Envoy refuses a leaf whose issuer has no revocation list in the
+	// validation context: the bundle {A, B} must already carry a list signed
+	// under B, before any leaf under B exists.
+	if !crlOfIncoming(t, env.srv.rootCA.Load().crl.PEM, env.ca) {
+		t.Fatal("phase 1's ROOTCA carries no revocation list of B's intermediate")
 	}
 	silentID := ""
 	if !eventually(10*time.Second, func() bool {
@@ -157,4 +165,32 @@ func tokenUses(t *testing.T, env *testEnv, id string) int {
 		t.Fatal(err)
 	}
 	return rec.Uses
+}
+
+// crlOfIncoming reports whether one of the lists in pemCRLs is signed by
+// the CA's incoming intermediate (B's, during phase 1).
+func crlOfIncoming(t *testing.T, pemCRLs []byte, ca *local.CA) bool {
+	t.Helper()
+	var incoming *x509.Certificate
+	for _, c := range ca.Certificates() {
+		if c.Role == "intermediate_incoming" {
+			incoming = c.Cert
+		}
+	}
+	if incoming == nil {
+		t.Fatal("no incoming intermediate during phase 1")
+	}
+	for rest := pemCRLs; ; {
+		var b *pem.Block
+		if b, rest = pem.Decode(rest); b == nil {
+			return false
+		}
+		crl, err := x509.ParseRevocationList(b.Bytes)
+		if err != nil {
+			t.Fatalf("ROOTCA revocation list: %v", err)
+		}
+		if crl.CheckSignatureFrom(incoming) == nil {
+			return true
+		}
+	}
 }
