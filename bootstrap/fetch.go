@@ -1,6 +1,7 @@
 package bootstrap
 
 import (
+	"bytes"
 	"context"
 	"crypto/subtle"
 	"crypto/tls"
@@ -99,6 +100,9 @@ func FetchServer(ctx context.Context, serverAddr string, tok Token) (Server, err
 	leaf := certs[0]
 	roots := x509.NewCertPool()
 	roots.AddCert(root)
+	for _, c := range anchorsUnder(root, certs[1:], time.Now()) {
+		roots.AddCert(c)
+	}
 	inter := x509.NewCertPool()
 	for i, c := range certs[1:] {
 		if i+1 != rootIdx {
@@ -136,4 +140,42 @@ func serverTrustDomain(leaf *x509.Certificate) (string, error) {
 		return "", fmt.Errorf("names the invalid trust domain %q: %w", tds[0], err)
 	}
 	return tds[0], nil
+}
+
+// anchorsUnder returns the CA certificates among presented that the pinned
+// root signed directly and that are valid at now, to be trusted as anchors
+// beside root.
+//
+// Why: during and after a root rotation the server presents leaf, the new
+// root B's intermediate, B cross-signed by the old root A, and the roots.
+// A client pinning A verifies leaf → B's intermediate → cross-signed B → A,
+// two CAs under A, while roots made before rotations existed have
+// MaxPathLen 1. BoringSSL and OpenSSL (Envoy) do not apply a trust
+// anchor's own path length (RFC 5280 6.1: the anchor is not part of the
+// path), Go's crypto/x509 does. Trusting what A signed directly is what A
+// vouches for anyway: the certificate's signature is checked here against
+// A (with A's CA flag and key usage), its validity too, and the chain from
+// it to the leaf is still verified with every constraint of the
+// certificates in it (the cross-signed B's own path length included). A
+// root with name constraints gets no extra anchors, since they would not be
+// applied through them.
+func anchorsUnder(root *x509.Certificate, presented []*x509.Certificate, now time.Time) []*x509.Certificate {
+	if len(root.PermittedDNSDomains)+len(root.ExcludedDNSDomains)+len(root.PermittedIPRanges)+len(root.ExcludedIPRanges)+
+		len(root.PermittedEmailAddresses)+len(root.ExcludedEmailAddresses)+len(root.PermittedURIDomains)+len(root.ExcludedURIDomains) > 0 {
+		return nil
+	}
+	var out []*x509.Certificate
+	for _, c := range presented {
+		if c.Equal(root) || !c.IsCA || !c.BasicConstraintsValid {
+			continue
+		}
+		if !bytes.Equal(c.RawIssuer, root.RawSubject) || now.Before(c.NotBefore) || now.After(c.NotAfter) {
+			continue
+		}
+		if c.CheckSignatureFrom(root) != nil {
+			continue
+		}
+		out = append(out, c)
+	}
+	return out
 }

@@ -339,10 +339,7 @@ func (r *Registry) Rotate(ctx context.Context, id string, root *x509.Certificate
 // use limits govern admitting new nodes and are checked by Admit, not here.
 // Refusals are *AuthError; other errors are store failures.
 func (r *Registry) Authenticate(ctx context.Context, raw string, roots []*x509.Certificate) (Record, error) {
-	raw = strings.TrimSpace(raw)
-	if len(raw) >= 6 && strings.EqualFold(raw[:6], "bearer") && (len(raw) == 6 || raw[6] == ' ' || raw[6] == '\t') {
-		raw = strings.TrimSpace(raw[6:])
-	}
+	raw = stripBearer(raw)
 	if raw == "" {
 		return Record{}, authErr(ReasonMissing, nil, "no bootstrap token: send `authorization: Bearer SDSTKN-…` as gRPC metadata (`sds-server bootstrap envoy` writes it into the Envoy bootstrap)")
 	}
@@ -351,8 +348,47 @@ func (r *Registry) Authenticate(ctx context.Context, raw string, roots []*x509.C
 		return Record{}, authErr(ReasonMalformed, nil, "malformed bootstrap token: %v", err)
 	}
 	if _, ok := tok.PinsRoot(roots); !ok {
-		return Record{}, authErr(ReasonWrongRoot, nil, "bootstrap token %s pins a root CA this server does not trust (digest mismatch): it belongs to another server or predates a CA rotation; %s", tok.ID(), createHint)
+		return Record{}, wrongRootErr(tok)
 	}
+	return r.lookup(ctx, tok)
+}
+
+// stripBearer trims raw and its "Bearer " scheme, if any.
+func stripBearer(raw string) string {
+	raw = strings.TrimSpace(raw)
+	if len(raw) >= 6 && strings.EqualFold(raw[:6], "bearer") && (len(raw) == 6 || raw[6] == ' ' || raw[6] == '\t') {
+		raw = strings.TrimSpace(raw[6:])
+	}
+	return raw
+}
+
+func wrongRootErr(tok Token) *AuthError {
+	return authErr(ReasonWrongRoot, nil, "bootstrap token %s pins a root CA this server does not trust (digest mismatch): it belongs to another server or predates a CA rotation; %s", tok.ID(), createHint)
+}
+
+// AuthenticateStale is Authenticate for a token Authenticate refused with
+// ReasonWrongRoot: it accepts the token if this registry holds it (secret
+// and pinned digest as recorded) and it is not revoked, whatever root it
+// pins. Such a token was created by this server before a root rotation
+// removed its root from the bundle. The caller may let it authenticate the
+// nodes it already admitted (sidecars bootstrapped before the rotation
+// reconnect with the token in their bootstrap), never admit new ones.
+func (r *Registry) AuthenticateStale(ctx context.Context, raw string) (Record, error) {
+	raw = stripBearer(raw)
+	tok, err := Parse(raw)
+	if err != nil {
+		return Record{}, authErr(ReasonMalformed, nil, "malformed bootstrap token: %v", err)
+	}
+	rec, err := r.lookup(ctx, tok)
+	if ae, ok := AsAuthError(err); ok && ae.Reason == ReasonUnknown {
+		// Not ours: the wrong root is the better explanation.
+		return Record{}, wrongRootErr(tok)
+	}
+	return rec, err
+}
+
+// lookup checks tok against its record: unknown, revoked or the record.
+func (r *Registry) lookup(ctx context.Context, tok Token) (Record, error) {
 	id := tok.ID()
 	data, err := r.kv.Get(ctx, Bucket, id)
 	if errors.Is(err, store.ErrNotFound) {

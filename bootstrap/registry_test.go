@@ -503,3 +503,55 @@ func TestRotate(t *testing.T) {
 		t.Fatalf("new token: %v", err)
 	}
 }
+
+// TestAuthenticateStale: a token of this registry whose root left the
+// bundle (a root rotation) authenticates for its known nodes; anything
+// else gets the refusal Authenticate gives.
+func TestAuthenticateStale(t *testing.T) {
+	f := newFixture(t)
+	ctx := context.Background()
+	good, goodRec := f.create(t, CreateOptions{})
+	revoked, revRec := f.create(t, CreateOptions{})
+	if _, err := f.reg.Revoke(ctx, revRec.ID); err != nil {
+		t.Fatal(err)
+	}
+	never := mustToken(t, f.pki.root).String() // another server's token, same root
+	swapped := "SDSTKN-1-" + RootDigest(newPKI(t, "other", "").root) + "-" + secretOf(t, good)
+	newRoot := newPKI(t, "new", "").root
+
+	// Authenticate refuses it once its root is gone from the bundle.
+	if _, err := f.reg.Authenticate(ctx, good, []*x509.Certificate{newRoot}); !hasReason(err, ReasonWrongRoot) {
+		t.Fatalf("Authenticate with the root gone: %v, want wrong_root", err)
+	}
+	cases := []struct {
+		name, raw, reason string
+	}{
+		{"own token", "Bearer " + good, ""},
+		{"revoked", revoked, ReasonRevoked},
+		{"never stored", never, ReasonWrongRoot},
+		{"digest swapped", swapped, ReasonWrongRoot},
+		{"malformed", "SDSTKN-x", ReasonMalformed},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			rec, err := f.reg.AuthenticateStale(ctx, tc.raw)
+			if tc.reason == "" {
+				if err != nil || rec.ID != goodRec.ID {
+					t.Fatalf("AuthenticateStale: %+v %v", rec, err)
+				}
+				return
+			}
+			if !hasReason(err, tc.reason) || rec.ID != "" {
+				t.Fatalf("AuthenticateStale: %+v %v, want %s", rec, err, tc.reason)
+			}
+			if strings.Contains(err.Error(), secretOf(t, good)) {
+				t.Fatal("the error leaks the token secret")
+			}
+		})
+	}
+}
+
+func hasReason(err error, reason string) bool {
+	ae, ok := AsAuthError(err)
+	return ok && ae.Reason == reason
+}

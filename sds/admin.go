@@ -50,9 +50,31 @@ type TokenInfo struct {
 }
 
 func (s *Server) tokenInfo(r bootstrap.Record) TokenInfo {
-	return TokenInfo{ID: r.ID, Service: r.Service, Env: r.Env, Status: r.Status(s.now()),
+	status := r.Status(s.now())
+	if status == "active" && !s.bundlePins(r.Digest) {
+		// It pins a root no longer trusted (a completed root rotation):
+		// refused, a new token is needed.
+		status = TokenStaleRoot
+	}
+	return TokenInfo{ID: r.ID, Service: r.Service, Env: r.Env, Status: status,
 		CreatedAt: r.CreatedAt, ExpiresAt: r.ExpiresAt, MaxUses: r.MaxUses, Uses: r.Uses,
 		RevokedAt: r.RevokedAt, LastUsedAt: r.LastUsedAt}
+}
+
+// TokenStaleRoot is the listed status of an otherwise active token that
+// pins a root the trust bundle no longer holds (after a root rotation):
+// the server refuses it; create a new one.
+const TokenStaleRoot = "stale_root"
+
+// bundlePins reports whether a token's root digest names a root of the
+// trust bundle.
+func (s *Server) bundlePins(digest string) bool {
+	for _, r := range s.Roots() {
+		if bootstrap.RootDigest(r) == digest {
+			return true
+		}
+	}
+	return false
 }
 
 // TokenCreateResponse is the answer to POST /v1/tokens: the token text, shown
@@ -81,6 +103,8 @@ func (s *Server) AdminHandler() http.Handler {
 	mux.HandleFunc("GET /v1/roots", s.handleRoots)
 	mux.HandleFunc("GET /v1/acl", s.handleACL)
 	mux.HandleFunc("GET /v1/status", s.handleStatus)
+	mux.HandleFunc("POST /v1/ca/rotate", s.handleCARotate)
+	mux.HandleFunc("GET /v1/ca/status", s.handleCAStatus)
 	return jsonErrors{mux}
 }
 

@@ -67,11 +67,11 @@ func (c callbacks) open(ctx context.Context, id int64, typeURL, protocol string)
 	if err := s.authRateRefusal(st); err != nil {
 		return c.refuse(st, id, err)
 	}
-	rec, err := s.authenticate(ctx)
+	rec, stale, err := s.authenticate(ctx)
 	if err != nil {
 		return c.refuse(st, id, err)
 	}
-	st.token = rec
+	st.token, st.staleRoot = rec, stale
 	s.mu.Lock()
 	s.streams[id] = st
 	s.mu.Unlock()
@@ -168,8 +168,11 @@ func (c callbacks) request(id int64, claimed *core.Node, typeURL string, names [
 		}
 		for i, p := range st.pending {
 			if p.nonce == nonce {
-				if nack == nil {
+				if nack == nil && p.cs != nil {
 					s.markServing(st.node, p.cs)
+				}
+				if nack == nil && p.bundle != "" {
+					s.noteBundleAck(st.node, p.bundle)
 				}
 				st.pending = st.pending[i+1:]
 				break
@@ -257,7 +260,8 @@ func (c callbacks) OnStreamResponse(_ context.Context, id int64, _ *discovery.Di
 	c.sent(id, resp.GetNonce(), resp.GetResources())
 }
 
-// sent records the certificate carried by a response with nonce, if any.
+// sent records the certificate and the trust bundle carried by a response
+// with nonce, if any, to learn from its ACK what Envoy loaded.
 func (c callbacks) sent(id int64, nonce string, anys []*anypb.Any) {
 	st := c.s.stream(id)
 	if st == nil || st.node == nil {
@@ -265,27 +269,33 @@ func (c callbacks) sent(id int64, nonce string, anys []*anypb.Any) {
 	}
 	c.s.rollout.sentResources(id, nonce, anys, c.s.rootCA.Load())
 	cur := st.node.cur.Load()
-	if cur == nil {
-		return
-	}
+	p := sentCert{nonce: nonce}
 	for _, a := range anys {
-		if cs := cur.issuedBy(a); cs != nil {
-			if len(st.pending) >= maxPending {
-				st.pending = st.pending[1:]
-			}
-			st.pending = append(st.pending, sentCert{nonce: nonce, cs: cs})
-			return
+		if cur != nil && p.cs == nil {
+			p.cs = cur.issuedBy(a)
+		}
+		if v, ok := c.s.bundles.versionOf(a); ok && p.bundle == "" {
+			p.bundle = v
 		}
 	}
+	if p.cs == nil && p.bundle == "" {
+		return
+	}
+	if len(st.pending) >= maxPending {
+		st.pending = st.pending[1:]
+	}
+	st.pending = append(st.pending, p)
 }
 
 // maxPending bounds the unacknowledged responses remembered per stream.
 const maxPending = 8
 
-// sentCert is a response carrying a certificate, awaiting Envoy's ACK.
+// sentCert is a response carrying a certificate or a trust bundle (or
+// both), awaiting Envoy's ACK.
 type sentCert struct {
-	nonce string
-	cs    *certState
+	nonce  string
+	cs     *certState // nil when it carried no certificate
+	bundle string     // BundleVersion it carried; "" when none
 }
 
 // deltaStreamID maps a delta stream's ID to its key in Server.streams.

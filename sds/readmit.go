@@ -47,7 +47,11 @@ func (s *Server) readmitIfAway(ctx context.Context, st *streamState, n *Node) (*
 	if now.Before(end) || s.hasOpenStreams(n.ID) {
 		return n, nil
 	}
-	tok, err := s.cfg.Tokens.Admit(ctx, n.TokenID)
+	var tok bootstrap.Record
+	var err error = st.staleRoot
+	if st.staleRoot == nil {
+		tok, err = s.cfg.Tokens.Admit(ctx, n.TokenID)
+	}
 	if ae, ok := bootstrap.AsAuthError(err); ok {
 		return nil, &refusal{code: codes.PermissionDenied, reason: reasonNodeExpired, msg: fmt.Sprintf(
 			"node %s was away until its certificate expired (%s) and must be admitted again like a new node, but %s; then write a new bootstrap for this sidecar",

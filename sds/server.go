@@ -100,7 +100,12 @@ type Server struct {
 	draw  *spreader
 
 	rootCA atomic.Pointer[rootBundle]
-	pubMu  sync.Mutex // serialises pushes of shared resources (ROOTCA, policies, deny list)
+	// bundles tracks the trust bundle each node ACKed (bundleack.go).
+	bundles *bundleAcks
+	// rotation drives the built-in CA's root rotation (carotation.go);
+	// nil with another CA.
+	rotation atomic.Pointer[RotationDriver]
+	pubMu    sync.Mutex // serialises pushes of shared resources (ROOTCA, policies, deny list)
 	// policies are the encoded ACL filters; revokedRes the deny list.
 	policies    atomic.Pointer[policySet]
 	policyWatch atomic.Pointer[policyWatcher]
@@ -129,9 +134,10 @@ type Server struct {
 // rootBundle is the current trust bundle, revocation list and the encoded
 // ROOTCA secret carrying both.
 type rootBundle struct {
-	roots []*x509.Certificate
-	crl   *issuer.CRL
-	res   *resource
+	roots   []*x509.Certificate
+	version string // BundleVersion(roots)
+	crl     *issuer.CRL
+	res     *resource
 }
 
 // streamState is what the server knows of one open stream.
@@ -141,12 +147,15 @@ type streamState struct {
 	protocol string // sotw, delta
 	peer     string
 	token    bootstrap.Record
-	node     *liveNode
-	xdsNode  *core.Node
-	unknown  map[string]bool // names already reported as not served
-	pending  []sentCert      // responses carrying a certificate, not yet ACKed
-	end      func(error)     // ends the stream with a cause (endStreamWith)
-	names    streamNames     // names subscribed (delta), bounded by Limits
+	// staleRoot is set when the token pins a root no longer trusted: the
+	// refusal any admission of a node with it gets.
+	staleRoot *bootstrap.AuthError
+	node      *liveNode
+	xdsNode   *core.Node
+	unknown   map[string]bool // names already reported as not served
+	pending   []sentCert      // responses carrying a certificate, not yet ACKed
+	end       func(error)     // ends the stream with a cause (endStreamWith)
+	names     streamNames     // names subscribed (delta), bounded by Limits
 }
 
 // liveNode is a node with its in-memory state: current certificate, open
@@ -171,6 +180,10 @@ type liveNode struct {
 
 	due       time.Time // guarded by scheduler.mu
 	heapIndex int       // position in the scheduler's heap, -1 if not scheduled
+
+	// forceRenew makes the next scheduled renewal issue even if the
+	// certificate is not due (a root rotation re-issues every one).
+	forceRenew atomic.Bool
 
 	hmu      sync.Mutex // guards the renewal health and serving fields
 	failures int        // consecutive failed renewals
@@ -250,6 +263,7 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 		live:    make(map[string]*liveNode),
 		draw:    newSpreader(),
 		rollout: newTrustRollout(),
+		bundles: newBundleAcks(),
 	}
 	s.lim = newLimitState(s)
 	s.sched = newScheduler(cfg.Now, s.renew)
@@ -341,7 +355,9 @@ func (s *Server) publishRootCA(roots []*x509.Certificate, crl *issuer.CRL) error
 	if err != nil {
 		return err
 	}
-	old := s.rootCA.Swap(&rootBundle{roots: roots, crl: crl, res: res})
+	version := BundleVersion(roots)
+	s.bundles.published(res, version)
+	old := s.rootCA.Swap(&rootBundle{roots: roots, version: version, crl: crl, res: res})
 	if old != nil && old.res.version == res.version {
 		return nil
 	}
@@ -394,14 +410,20 @@ func (s *Server) Serve(ctx context.Context, lis net.Listener, tlsConf *tls.Confi
 	return err
 }
 
-// authenticate checks the stream's bearer token.
-func (s *Server) authenticate(ctx context.Context) (bootstrap.Record, error) {
+// authenticate checks the stream's bearer token. A token of this server
+// pinning a root no longer in the bundle (created before a root rotation)
+// is accepted with stale set to the refusal it gets if it tries to admit a
+// node: the sidecars it admitted keep reconnecting (see staleroot.go).
+func (s *Server) authenticate(ctx context.Context) (rec bootstrap.Record, stale *bootstrap.AuthError, err error) {
 	raw := bearerToken(ctx)
-	rec, err := s.cfg.Tokens.Authenticate(ctx, raw, s.Roots())
-	if err != nil {
-		return bootstrap.Record{}, err
+	rec, err = s.cfg.Tokens.Authenticate(ctx, raw, s.Roots())
+	if ae, ok := bootstrap.AsAuthError(err); ok && ae.Reason == bootstrap.ReasonWrongRoot {
+		return s.authenticateStale(ctx, raw, ae)
 	}
-	return rec, nil
+	if err != nil {
+		return bootstrap.Record{}, nil, err
+	}
+	return rec, nil, nil
 }
 
 // admit binds a stream to its node, admitting a new node if the token has
@@ -413,6 +435,9 @@ func (s *Server) admit(st *streamState, claimed *core.Node) (*liveNode, error) {
 	}
 	ctx := st.ctx
 	rec, created, err := s.nodes.bind(ctx, st.token.ID, claimedID, func() (*Node, error) {
+		if st.staleRoot != nil {
+			return nil, st.staleRoot
+		}
 		tok, err := s.cfg.Tokens.Admit(ctx, st.token.ID)
 		if err != nil {
 			return nil, err
@@ -496,6 +521,7 @@ func (s *Server) sweepIdle(grace time.Duration) int {
 		s.sched.unschedule(ln)
 		s.cache.removeNode(ln.rec.ID)
 		s.rollout.forget(ln.rec.ID)
+		s.bundles.forget(ln.rec.ID)
 	}
 	if len(drop) > 0 {
 		s.log.Info("forgot idle nodes", "nodes", len(drop))
@@ -513,7 +539,7 @@ const reuseFraction = 0.2
 func (s *Server) ensureCertificate(ctx context.Context, ln *liveNode) error {
 	ln.mu.Lock()
 	defer ln.mu.Unlock()
-	if cs := ln.cur.Load(); cs != nil && cs.cert.Leaf.NotAfter.Sub(s.now()) > time.Duration(float64(cs.cert.TTL)*reuseFraction) {
+	if cs := ln.cur.Load(); cs != nil && cs.cert.Leaf.NotAfter.Sub(s.now()) > time.Duration(float64(cs.cert.TTL)*reuseFraction) && !s.outsideBundle(cs) {
 		if _, ok := s.sched.scheduled(ln); !ok {
 			s.sched.schedule(ln, cs.renewAt)
 		}
@@ -539,10 +565,11 @@ func (s *Server) renew(ctx context.Context, ln *liveNode) {
 	ln.hmu.Lock()
 	failing := ln.failures > 0
 	ln.hmu.Unlock()
-	if cs := ln.cur.Load(); cs != nil && !failing && cs.renewAt.After(s.now()) {
+	if cs := ln.cur.Load(); cs != nil && !failing && !ln.forceRenew.Load() && cs.renewAt.After(s.now()) {
 		s.sched.schedule(ln, cs.renewAt) // renewed meanwhile (reconnection)
 		return
 	}
+	ln.forceRenew.Store(false)
 	ictx, cancel := context.WithTimeout(ctx, s.cfg.IssueTimeout)
 	err := s.issueLocked(ictx, ln)
 	cancel()

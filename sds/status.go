@@ -27,8 +27,8 @@ type StatusReport struct {
 	Nodes       NodeCounts   `json:"nodes"`
 	CA          CAStatus     `json:"ca"`
 	Policy      PolicyHealth `json:"policy"`
-	// Rotation is the CA rotation in progress, if any. There is no CA
-	// rotation yet: always null.
+	// Rotation is the built-in CA's root rotation in progress or done
+	// since start (carotation.go); null when none.
 	Rotation *RotationStatus `json:"rotation"`
 }
 
@@ -87,12 +87,6 @@ type PolicyHealth struct {
 	Error string `json:"error,omitempty"`
 }
 
-// RotationStatus is reserved for the phase of a CA rotation; nothing fills
-// it yet.
-type RotationStatus struct {
-	Phase string `json:"phase"`
-}
-
 // intermediateSource is implemented by issuers that know the CA signing
 // workload certificates (the built-in CA).
 type intermediateSource interface {
@@ -109,6 +103,9 @@ func (s *Server) Status(ctx context.Context) StatusReport {
 	rep.Nodes = s.nodeCounts(ctx, &rep)
 	rep.CA = s.caStatus()
 	rep.Policy = s.policyHealth()
+	if d := s.rotation.Load(); d != nil {
+		rep.Rotation = d.Status()
+	}
 	if n := rep.Nodes.RenewalFailing; n > 0 {
 		rep.Warnings = append(rep.Warnings, fmt.Sprintf("%d connected node(s) with renewal failing (see node list, last_error)", n))
 	}

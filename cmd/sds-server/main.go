@@ -84,6 +84,7 @@ func newRootCommand(stdout, stderr io.Writer) *cobra.Command {
 		newBootstrapCommand(),
 		newACLCommand(),
 		newStatusCommand(),
+		newCACommand(),
 	)
 	addVersion(root)
 	// Argument-count mistakes are usage errors too.

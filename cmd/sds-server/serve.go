@@ -196,6 +196,11 @@ func serve(ctx context.Context, cfg *config, stdout, stderr io.Writer) error {
 	defer cancel()
 	if isLocal {
 		go localCA.Run(ctx) // the intermediate renews itself (califecycle.go)
+		rot, err := sds.NewRotationDriver(srv, localCA, 0, servingCert.RenewSoon)
+		if err != nil {
+			return err
+		}
+		go rot.Run(ctx) // root rotation, when an operator starts one (sds-server ca rotate)
 	}
 	errc := make(chan error, 3)
 	go func() { errc <- srv.Serve(ctx, sdsLis, servingCert.TLSConfig()) }()

@@ -19,8 +19,8 @@ func newStatusCommand() *cobra.Command {
 		Long: `Ask the running server (admin API GET /v1/status) whether it is ready — what its
 /readyz says — and why not, with what an operator checks first: nodes connected,
 renewals failing, nodes serving stale certificates, the CA root and intermediate
-expiry, the CRL's next update, policy errors and the CA rotation phase (none
-exists yet: "rotation" is null).
+expiry, the CRL's next update, policy errors and the CA root rotation phase
+("rotation" is null when none happened since start; 'ca status' has the detail).
 
 Exit status: 0 ready; 1 not ready (the reasons on stderr, the report on stdout)
 or the server cannot be reached; 2 a usage error.`,
@@ -88,7 +88,7 @@ func statusTable(w io.Writer, r sds.StatusReport) error {
 		}
 	}
 	if r.Rotation != nil {
-		row("ROTATION", "%s", r.Rotation.Phase)
+		row("ROTATION", "%s: %d of %d sidecars done", r.Rotation.Phase, r.Rotation.Done, r.Rotation.Total)
 	} else {
 		row("ROTATION", "none")
 	}

@@ -195,8 +195,8 @@ func (ca *CA) openState(dir string) (*signerState, error) {
 	return loadState(dir, legacyState())
 }
 
-// Root returns the root certificate that signs the intermediates: the mesh
-// trust anchor. Callers must not modify it.
+// Root returns the root certificate over the intermediate that signs
+// workload certificates now. Callers must not modify it.
 func (ca *CA) Root() *x509.Certificate { return ca.state.Load().active.root.cert }
 
 // Intermediate returns the certificate that signs workload certificates
@@ -207,8 +207,9 @@ func (ca *CA) Intermediate() *x509.Certificate { return ca.state.Load().active.c
 // expires. Issued certificates never outlive it; it is renewed well before.
 func (ca *CA) IntermediateNotAfter() time.Time { return ca.state.Load().active.cert.NotAfter }
 
-// Roots returns the trust bundle, the root alone. It implements
-// issuer.Issuer and never blocks.
+// Roots returns the trust bundle: the root alone, or both roots during a
+// rotation's first two phases (the new one first: new bootstrap tokens pin
+// it). It implements issuer.Issuer and never blocks.
 func (ca *CA) Roots(context.Context) ([]*x509.Certificate, error) {
 	return ca.state.Load().rootCerts(), nil
 }
@@ -249,7 +250,7 @@ func (ca *CA) create(dir string) (*signerState, error) {
 	if err != nil {
 		return nil, fmt.Errorf("create CA: encode root key: %w", err)
 	}
-	r := &rootCA{name: legacyRootName, cert: root, certFile: RootCertFile, keyFile: RootKeyFile}
+	r := &rootCA{name: legacyRootName, cert: root, certFile: RootCertFile, keyFile: RootKeyFile, status: rootStatusActive}
 	inter, files, err := ca.newIntermediate(1, r, rootKey, now)
 	if err != nil {
 		return nil, fmt.Errorf("create CA: %w", err)

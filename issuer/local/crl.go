@@ -44,11 +44,7 @@ func (ca *CA) SignCRL(ctx context.Context, number *big.Int, revoked []issuer.Rev
 	for _, r := range revoked {
 		entries = append(entries, x509.RevocationListEntry{SerialNumber: r.SerialNumber, RevocationTime: r.RevokedAt.UTC()})
 	}
-	signers := []*intermediate{st.active}
-	if st.staged != nil {
-		signers = append(signers, st.staged)
-	}
-	signers = append(signers, st.retired...)
+	signers := st.crlSigners()
 	var out []byte
 	for _, in := range signers {
 		next := minTime(nextUpdate, in.cert.NotAfter)

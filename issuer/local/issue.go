@@ -67,7 +67,7 @@ func (ca *CA) Issue(ctx context.Context, req issuer.Request) (*issuer.Certificat
 		return nil, fmt.Errorf("issue certificate for %s: %w", id.SPIFFEID(), err)
 	}
 	chain := pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: leaf.Raw})
-	chain = append(chain, st.active.pem...)
+	chain = append(chain, st.leafChainTail()...)
 	return &issuer.Certificate{Leaf: leaf, ChainPEM: chain, IssuedAt: now, TTL: ttl}, nil
 }
 
@@ -159,14 +159,24 @@ func (ca *CA) ServerCertificate(hosts []string, ttl time.Duration) (tls.Certific
 	if err != nil {
 		return tls.Certificate{}, fmt.Errorf("server certificate: generate key: %w", err)
 	}
-	in := ca.state.Load().active
+	st := ca.state.Load()
+	in := st.serverSigner()
 	leaf, _, _, err := ca.signLeaf(in, tmpl, ttl, key.Public())
 	if err != nil {
 		return tls.Certificate{}, fmt.Errorf("server certificate: %w", err)
 	}
-	return tls.Certificate{
-		Certificate: [][]byte{leaf.Raw, in.cert.Raw, in.root.cert.Raw},
-		PrivateKey:  key,
-		Leaf:        leaf,
-	}, nil
+	// The cross-signed root (if its root has one) comes right after the
+	// intermediate: a sidecar whose bootstrap pinned the old root finds it
+	// first when looking for the intermediate's issuer and reaches the old
+	// root; one that pinned the new root finds that in its trust store
+	// first. Every root of the bundle follows, for bootstrap clients that
+	// look for the root their token pins.
+	chain := [][]byte{leaf.Raw, in.cert.Raw}
+	if in.root.cross != nil {
+		chain = append(chain, in.root.cross.Raw)
+	}
+	for _, r := range st.rootCerts() {
+		chain = append(chain, r.Raw)
+	}
+	return tls.Certificate{Certificate: chain, PrivateKey: key, Leaf: leaf}, nil
 }

@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"path/filepath"
-	"slices"
 	"time"
 
 	"github.com/meshid/sds-server/issuer"
@@ -152,6 +151,11 @@ func (ca *CA) step(ctx context.Context) time.Time {
 	for _, r := range st.retired {
 		next = minTime(next, r.cert.NotAfter)
 	}
+	if r := st.rotation; r != nil && r.phase != PhaseTrustNew {
+		// A root rotation replaces the intermediate itself; renewal
+		// resumes under the new root once it is the only one trusted.
+		return next
+	}
 	if st.staged != nil {
 		due, ok := ca.activationDue(st)
 		switch {
@@ -258,7 +262,8 @@ func (ca *CA) stageLocked(ctx context.Context, now time.Time) error {
 	if err := ca.disk.writeFiles(files); err != nil {
 		return fmt.Errorf("write intermediate generation %d: %w", in.gen, err)
 	}
-	next := &signerState{roots: st.roots, active: st.active, staged: in, retired: st.retired}
+	next := st.with()
+	next.staged = in
 	if err := ca.disk.writeState(next.file()); err != nil {
 		return fmt.Errorf("record intermediate generation %d: %w", in.gen, err)
 	}
@@ -275,7 +280,8 @@ func (ca *CA) stageLocked(ctx context.Context, now time.Time) error {
 // the active one.
 func (ca *CA) activateLocked() error {
 	st := ca.state.Load()
-	next := &signerState{roots: st.roots, active: st.staged, retired: append(slices.Clone(st.retired), st.active)}
+	next := st.with()
+	next.active, next.staged, next.retired = st.staged, nil, append(next.retired, st.active)
 	if err := ca.disk.writeState(next.file()); err != nil {
 		return err
 	}
@@ -302,7 +308,8 @@ func (ca *CA) pruneLocked(now time.Time) error {
 	if len(gone) == 0 {
 		return nil
 	}
-	next := &signerState{roots: st.roots, active: st.active, staged: st.staged, retired: keep}
+	next := st.with()
+	next.retired = keep
 	if err := ca.disk.writeState(next.file()); err != nil {
 		return err
 	}

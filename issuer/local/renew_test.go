@@ -593,7 +593,13 @@ func TestStateFileRejected(t *testing.T) {
 		t.Fatal(err)
 	}
 	tests := []struct{ name, from, to, want string }{
-		{"newer format", `"format": 1`, `"format": 2`, "written by a newer version"},
+		{"newer format", `"format": 1`, `"format": 3`, "written by a newer version"},
+		{"rotation status in format 1", `"status": "staged"`, `"status": "incoming"`, "which is active, not incoming"},
+		{"incoming root without a rotation", `"status": "active"
+    }
+  ],`, `"status": "incoming"
+    }
+  ],`, "needs format 2"},
 		{"unknown field", `"format": 1`, `"format": 1, "phase": "x"`, "corrupt state file"},
 		{"path in a name", `"cert": "intermediate-2.crt"`, `"cert": "../intermediate-2.crt"`, "not a plain file name"},
 		{"two active", `"status": "staged"`, `"status": "active"`, "exactly one active"},

@@ -21,10 +21,16 @@ import (
 // the first intermediate renewal. See docs/ca-lifecycle.md.
 const StateFile = "state.json"
 
-// stateFormat is the version of the state file this code reads and writes.
-// A change that older code would misread must bump it; older code refuses a
-// format it does not know rather than guess.
-const stateFormat = 1
+// stateFormat is the newest version of the state file this code reads and
+// writes. A change that older code would misread must bump it; older code
+// refuses a format it does not know rather than guess. Format 2 adds root
+// rotation (root statuses other than active, cross-signed roots, the
+// rotation object, incoming intermediates); a state using none of it is
+// still written as format 1, so a downgrade works until a rotation starts.
+const stateFormat = 2
+
+// stateFormatV1 is the first format: one active root, no rotation.
+const stateFormatV1 = 1
 
 // Statuses of an intermediate generation in the state file.
 const (
@@ -36,12 +42,28 @@ const (
 	// statusRetired: replaced; signs only revocation lists, until it expires
 	// (the certificates it signed expire no later than it does).
 	statusRetired = "retired"
+	// statusIncoming: the new root's intermediate during the first phase of
+	// a root rotation: signs revocation lists (and the SDS listener's
+	// certificate), not workload certificates yet. Never activated by the
+	// renewal loop, only by the rotation.
+	statusIncoming = "incoming"
 )
 
-// rootStatusActive is the status of a root that signs new intermediates and
-// is in the trust bundle. Root rotation adds other statuses (see
-// docs/ca-lifecycle.md).
-const rootStatusActive = "active"
+// Statuses of a root in the state file (format 2 for all but active).
+const (
+	// rootStatusActive: the root of the active intermediate; in the bundle.
+	rootStatusActive = "active"
+	// rootStatusIncoming: the new root of a rotation's first phase: in
+	// the bundle, not yet over the active intermediate.
+	rootStatusIncoming = "incoming"
+	// rootStatusOutgoing: the old root of a rotation's second phase: in
+	// the bundle, over no active intermediate.
+	rootStatusOutgoing = "outgoing"
+	// rootStatusRetired: out of the bundle; kept (without its key once a
+	// rotation completes) because an intermediate or a cross-signed root
+	// in the file is signed by it.
+	rootStatusRetired = "retired"
+)
 
 // stateFile is the JSON document of StateFile. File names are relative to
 // the CA directory and plain names (no directories).
@@ -49,6 +71,8 @@ type stateFile struct {
 	Format        int          `json:"format"`
 	Roots         []rootEntry  `json:"roots"`
 	Intermediates []interEntry `json:"intermediates"`
+	// Rotation is the root rotation in progress (format 2); nil when none.
+	Rotation *rotationEntry `json:"rotation,omitempty"`
 }
 
 // rootEntry is one root of the state file.
@@ -57,6 +81,24 @@ type rootEntry struct {
 	Cert   string `json:"cert"`
 	Key    string `json:"key,omitempty"`
 	Status string `json:"status"`
+	// Cross is a certificate with this root's subject and key signed by
+	// the root named CrossBy (format 2): it lets a peer trusting only
+	// CrossBy verify what this root signed.
+	Cross   string `json:"cross,omitempty"`
+	CrossBy string `json:"cross_by,omitempty"`
+}
+
+// rotationEntry is a root rotation in progress.
+type rotationEntry struct {
+	// Phase is one of PhaseTrustBoth, PhaseReissue, PhaseTrustNew.
+	Phase          string    `json:"phase"`
+	StartedAt      time.Time `json:"started_at"`
+	PhaseStartedAt time.Time `json:"phase_started_at"`
+	OldRoot        string    `json:"old_root"`
+	NewRoot        string    `json:"new_root"`
+	// RenewOverSeconds is how long the operator asked the re-issue of
+	// phase 2 to be spread over (kept for the SDS server across restarts).
+	RenewOverSeconds float64 `json:"renew_over_seconds,omitempty"`
 }
 
 // interEntry is one intermediate generation of the state file.
@@ -99,7 +141,7 @@ func readState(dir string) (st *stateFile, ok bool, err error) {
 	if err := dec.Decode(&s); err != nil {
 		return nil, false, fmt.Errorf("load CA: %s: corrupt state file: %w (restore it from a backup)", path, err)
 	}
-	if s.Format != stateFormat {
+	if s.Format != stateFormat && s.Format != stateFormatV1 {
 		return nil, false, fmt.Errorf("load CA: %s: format %d, this sds-server reads format %d: it was written by a newer version; run that version", path, s.Format, stateFormat)
 	}
 	if err := s.check(); err != nil {
@@ -110,30 +152,53 @@ func readState(dir string) (st *stateFile, ok bool, err error) {
 
 // check validates the structure of a state file (not the files it names).
 func (s *stateFile) check() error {
-	roots := map[string]bool{}
-	active := 0
+	roots := map[string]string{} // name -> status
+	count := map[string]int{}
 	for _, r := range s.Roots {
-		if r.Name == "" || roots[r.Name] {
+		if _, dup := roots[r.Name]; r.Name == "" || dup {
 			return fmt.Errorf("root name %q is empty or repeated", r.Name)
 		}
 		if err := plainName(r.Cert); err != nil {
 			return err
 		}
-		if r.Key != "" {
-			if err := plainName(r.Key); err != nil {
-				return err
+		for _, f := range []string{r.Key, r.Cross} {
+			if f != "" {
+				if err := plainName(f); err != nil {
+					return err
+				}
 			}
 		}
-		if r.Status != rootStatusActive {
+		switch r.Status {
+		case rootStatusActive:
+		case rootStatusIncoming, rootStatusOutgoing, rootStatusRetired:
+			if s.Format < stateFormat {
+				return fmt.Errorf("root %q: status %q needs format %d", r.Name, r.Status, stateFormat)
+			}
+		default:
 			return fmt.Errorf("root %q: unknown status %q", r.Name, r.Status)
 		}
-		roots[r.Name] = true
+		if (r.Cross == "") != (r.CrossBy == "") {
+			return fmt.Errorf("root %q: cross and cross_by go together", r.Name)
+		}
+		roots[r.Name] = r.Status
+		count[r.Status]++
 	}
-	if len(roots) != 1 {
-		return fmt.Errorf("%d roots, want exactly one", len(roots))
+	for _, r := range s.Roots {
+		if r.CrossBy != "" {
+			if _, ok := roots[r.CrossBy]; !ok || r.CrossBy == r.Name {
+				return fmt.Errorf("root %q is cross-signed by %q, which is not another root in the file", r.Name, r.CrossBy)
+			}
+		}
+	}
+	if count[rootStatusActive] != 1 || count[rootStatusIncoming] > 1 || count[rootStatusOutgoing] > 1 {
+		return fmt.Errorf("%d active, %d incoming and %d outgoing roots, want exactly one active and at most one of the others",
+			count[rootStatusActive], count[rootStatusIncoming], count[rootStatusOutgoing])
+	}
+	if err := s.checkRotation(roots, count); err != nil {
+		return err
 	}
 	gens := map[int]bool{}
-	staged := 0
+	staged, incoming, active := 0, 0, 0
 	for _, in := range s.Intermediates {
 		if in.Generation < 1 || gens[in.Generation] {
 			return fmt.Errorf("intermediate generation %d is invalid or repeated", in.Generation)
@@ -145,14 +210,23 @@ func (s *stateFile) check() error {
 		if err := plainName(in.Key); err != nil {
 			return err
 		}
-		if !roots[in.Root] {
+		rs, ok := roots[in.Root]
+		if !ok {
 			return fmt.Errorf("intermediate generation %d names root %q, which is not in the file", in.Generation, in.Root)
 		}
 		switch in.Status {
 		case statusActive:
 			active++
+			if rs != rootStatusActive {
+				return fmt.Errorf("the active intermediate generation %d is under root %q, which is %s, not active", in.Generation, in.Root, rs)
+			}
 		case statusStaged:
 			staged++
+		case statusIncoming:
+			incoming++
+			if rs != rootStatusIncoming {
+				return fmt.Errorf("the incoming intermediate generation %d is under root %q, which is %s, not incoming", in.Generation, in.Root, rs)
+			}
 		case statusRetired:
 		default:
 			return fmt.Errorf("intermediate generation %d: unknown status %q", in.Generation, in.Status)
@@ -160,6 +234,38 @@ func (s *stateFile) check() error {
 	}
 	if active != 1 || staged > 1 {
 		return fmt.Errorf("%d active and %d staged intermediates, want exactly one active and at most one staged", active, staged)
+	}
+	if incoming != count[rootStatusIncoming] {
+		return fmt.Errorf("%d incoming intermediates for %d incoming roots, want one each", incoming, count[rootStatusIncoming])
+	}
+	return nil
+}
+
+// checkRotation checks that the rotation object and the root statuses
+// agree.
+func (s *stateFile) checkRotation(roots map[string]string, count map[string]int) error {
+	r := s.Rotation
+	if r == nil {
+		if count[rootStatusIncoming]+count[rootStatusOutgoing] > 0 {
+			return errors.New("incoming or outgoing root without a rotation")
+		}
+		return nil
+	}
+	if s.Format < stateFormat {
+		return fmt.Errorf("a rotation needs format %d", stateFormat)
+	}
+	want := map[string][2]string{ // phase -> status of old root, new root
+		PhaseTrustBoth: {rootStatusActive, rootStatusIncoming},
+		PhaseReissue:   {rootStatusOutgoing, rootStatusActive},
+		PhaseTrustNew:  {rootStatusRetired, rootStatusActive},
+	}
+	w, ok := want[r.Phase]
+	if !ok {
+		return fmt.Errorf("rotation: unknown phase %q", r.Phase)
+	}
+	if roots[r.OldRoot] != w[0] || roots[r.NewRoot] != w[1] || r.OldRoot == r.NewRoot {
+		return fmt.Errorf("rotation phase %s wants old root %q %s and new root %q %s; they are %q and %q",
+			r.Phase, r.OldRoot, w[0], r.NewRoot, w[1], roots[r.OldRoot], roots[r.NewRoot])
 	}
 	return nil
 }
@@ -199,7 +305,7 @@ func (w diskWriter) writeFiles(files []file) error {
 
 // writeState replaces the state file, the commit point of a change.
 func (w diskWriter) writeState(s *stateFile) error {
-	s.Format = stateFormat
+	s.Format = s.neededFormat()
 	data, err := json.MarshalIndent(s, "", "  ")
 	if err != nil {
 		return err
@@ -238,4 +344,23 @@ func (w diskWriter) removeFiles(names []string) error {
 		}
 	}
 	return syncDir(w.dir)
+}
+
+// neededFormat is the oldest format that can express s: format 1 unless
+// a rotation feature is in use.
+func (s *stateFile) neededFormat() int {
+	if s.Rotation != nil {
+		return stateFormat
+	}
+	for _, r := range s.Roots {
+		if r.Status != rootStatusActive || r.Cross != "" {
+			return stateFormat
+		}
+	}
+	for _, in := range s.Intermediates {
+		if in.Status == statusIncoming {
+			return stateFormat
+		}
+	}
+	return stateFormatV1
 }
