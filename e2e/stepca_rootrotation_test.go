@@ -93,6 +93,22 @@ func TestStepCARootRotation(t *testing.T) {
 			if int(r) != roots || a != 2 || p != 0 {
 				return fmt.Errorf("sds_trust_bundle_roots %v (want %d), acked_nodes %v (want 2), pending_nodes %v (want 0)", r, roots, a, p)
 			}
+			// `ca status` shows the same rollout as for the built-in CA.
+			var st struct {
+				CA struct {
+					Roots []json.RawMessage `json:"roots"`
+				} `json:"ca"`
+				Bundle struct {
+					Connected int `json:"connected"`
+					Acked     int `json:"acked"`
+				} `json:"bundle"`
+			}
+			if err := json.Unmarshal([]byte(srv.cli(t, "ca", "status", "-o", "json")), &st); err != nil {
+				return fmt.Errorf("ca status -o json: %w", err)
+			}
+			if len(st.CA.Roots) != roots || st.Bundle.Connected != 2 || st.Bundle.Acked != 2 {
+				return fmt.Errorf("ca status: %d roots (want %d), %d of %d sidecars on the bundle (want 2 of 2)", len(st.CA.Roots), roots, st.Bundle.Acked, st.Bundle.Connected)
+			}
 			return nil
 		})
 	}
