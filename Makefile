@@ -27,7 +27,7 @@ export SDS_SERVER_BIN := $(BIN)/sds-server
 export SDS_STEPCA_BIN := $(TOOLS)/bin/step-ca
 export SDS_PROMTOOL_BIN := $(TOOLS)/bin/promtool
 
-.PHONY: all help build run tools stepca step promtool rules test unit e2e bench vet fmt clean
+.PHONY: all help build run tools stepca step promtool rules test unit e2e bench vet fmt clean loadtest load-bin
 
 all: build
 
@@ -160,6 +160,16 @@ test: tools stepca promtool build vet rules ## unit + e2e tests; installs what t
 
 e2e: tools stepca build ## e2e tests only (real Envoy, real step-ca)
 	SDS_REQUIRE_E2E=1 $(GO) test -count=1 -timeout 20m -v ./e2e/...
+
+# sds-load against the bare baseline and the real server, 1k and 10k
+# sidecars each on its own connection (minutes; not part of `make test`).
+# SIZES="1000" for a shorter run; results in bin/loadtest/*.json.
+SIZES ?= 1000 10000
+load-bin: build ## build bin/sds-load (the load harness)
+	CGO_ENABLED=0 $(GO) build -trimpath -o $(BIN)/sds-load ./cmd/sds-load
+
+loadtest: load-bin ## sds-load matrix (1k, 10k sidecars) vs the baseline: prints a table of ratios
+	SIZES="$(SIZES)" cmd/sds-load/loadtest.sh $(BIN) $(BIN)/loadtest
 
 bench: ## benchmarks
 	$(GO) test -run '^$$' -bench . -benchmem ./...
