@@ -24,6 +24,7 @@ PROMTOOL_BUILD   := $(TOOLS)/promtool-$(PROMTOOL_VERSION)/promtool
 
 export SDS_ENVOY_BIN := $(TOOLS)/bin/envoy
 export SDS_SERVER_BIN := $(BIN)/sds-server
+export SDS_LOAD_BIN := $(BIN)/sds-load
 export SDS_STEPCA_BIN := $(TOOLS)/bin/step-ca
 export SDS_PROMTOOL_BIN := $(TOOLS)/bin/promtool
 
@@ -155,10 +156,10 @@ fmt: ## gofmt every file in place
 unit: ## unit tests (no external processes)
 	$(GO) test -count=1 ./...
 
-test: tools stepca promtool build vet rules ## unit + e2e tests; installs what they need
+test: tools stepca promtool build load-bin vet rules ## unit + e2e tests; installs what they need
 	SDS_REQUIRE_E2E=1 $(GO) test -count=1 -timeout 20m ./...
 
-e2e: tools stepca build ## e2e tests only (real Envoy, real step-ca)
+e2e: tools stepca build load-bin ## e2e tests only (real Envoy, real step-ca)
 	SDS_REQUIRE_E2E=1 $(GO) test -count=1 -timeout 20m -v ./e2e/...
 
 # sds-load against the bare baseline and the real server, 1k and 10k

@@ -407,8 +407,8 @@ func (s *Server) admit(st *streamState, claimed *core.Node) (*liveNode, error) {
 		return nil, &refusal{code: codes.InvalidArgument, reason: "bad_node", msg: "node.id must be set (1-256 characters) in the Envoy bootstrap"}
 	}
 	ctx := st.ctx
-	rec, created, err := s.nodes.bind(ctx, st.token.ID, claimedID, func() (*Node, error) {
-		tok, err := s.cfg.Tokens.Admit(ctx, st.token.ID)
+	rec, created, err := s.nodes.bind(ctx, st.token.ID, claimedID, func(tx store.Txn) (*Node, error) {
+		tok, err := s.cfg.Tokens.AdmitIn(tx, st.token.ID)
 		if err != nil {
 			return nil, err
 		}

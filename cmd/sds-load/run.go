@@ -33,7 +33,7 @@ type runConfig struct {
 	push                                bool
 	pushCmd                             string
 	pushTimeout                         time.Duration
-	label, jsonOut                      string
+	label, jsonOut, servedOut           string
 	// pushFn, if set, replaces -push-cmd (tests).
 	pushFn func() error
 }
@@ -78,6 +78,7 @@ func parseRun(args []string, stderr io.Writer) (*runConfig, error) {
 	fs.StringVar(&c.pushCmd, "push-cmd", "", "with -push: shell command that changes the trust bundle (empty: the operator does it by hand)")
 	fs.DurationVar(&c.pushTimeout, "push-timeout", 2*time.Minute, "with -push: how long to wait for every sidecar to get the change")
 	fs.StringVar(&c.label, "label", "", "name of this run in the report and the JSON (e.g. server, baseline)")
+	fs.StringVar(&c.servedOut, "served-out", "", "append the node id of each sidecar to this file as soon as it is served (crash tests)")
 	fs.StringVar(&c.jsonOut, "json", "", "also write the result as JSON to this file (read by `sds-load table`)")
 	if err := fs.Parse(args); err != nil {
 		return nil, err
@@ -196,6 +197,13 @@ func runLoad(ctx context.Context, c *runConfig, logw io.Writer) (*Result, error)
 			return nil, err
 		}
 	}
+	var servedLog *os.File
+	if c.servedOut != "" {
+		if servedLog, err = os.OpenFile(c.servedOut, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o644); err != nil {
+			return nil, fmt.Errorf("-served-out: %w", err)
+		}
+		defer servedLog.Close()
+	}
 	streamCtx := metadata.AppendToOutgoingContext(ctx, "authorization", "Bearer "+token)
 	errs := newErrorCounter()
 	var lost atomic.Int64
@@ -254,6 +262,9 @@ launch:
 				sc.mu.Unlock()
 				if now := time.Now(); now.After(last) {
 					last = now
+				}
+				if servedLog != nil {
+					fmt.Fprintln(servedLog, sc.node.Id) // unbuffered: on disk before the next
 				}
 				mu.Unlock()
 				go func() { // a stream that ends before the run does is lost
