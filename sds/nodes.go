@@ -111,13 +111,14 @@ func (r *nodeRegistry) get(ctx context.Context, id string) (*Node, error) {
 // under the sidecar's lock, so its several streams see one decision; they
 // may refuse (the token's expiry or use limit) and must not call the CA.
 //
-// A new node's record, its index entry and whatever create writes in tx
-// (the token's use) are one transaction: one durable commit, shared with
-// the other sidecars admitted at the same moment, and never half written.
-// create may therefore run more than once and must have no side effect but
-// on tx. Stores that cannot write several keys at once get the writes one
-// after the other (token use first, so a crash can lose a use, never
-// count a node twice).
+// On a store with multi-key transactions (store.MultiUpdater: bbolt), a new
+// node's record, its index entry and what create writes in tx (the token's
+// use) are one transaction: one durable commit, shared with the other
+// sidecars admitted at the same moment, and never half written; create may
+// then run more than once and must have no side effect but on tx. On other
+// stores create gets a nil tx, makes its own writes, and the node and its
+// index are written after them (a crash can lose a use, never count a node
+// without one).
 func (r *nodeRegistry) bind(ctx context.Context, tokenID, claimedID string, create func(tx store.Txn) (*Node, error), back func(*Node) (*Node, error)) (*Node, bool, error) {
 	key := indexKey(tokenID, claimedID)
 	defer r.locks.lock(key)()
@@ -129,7 +130,20 @@ func (r *nodeRegistry) bind(ctx context.Context, tokenID, claimedID string, crea
 		n, err = back(n)
 		return n, false, err
 	}
-	err = r.updateMany(ctx, func(tx store.Txn) error {
+	mu, ok := r.kv.(store.MultiUpdater)
+	if !ok {
+		if n, err = create(nil); err != nil {
+			return nil, false, err
+		}
+		if err := r.put(ctx, n); err != nil {
+			return nil, false, err
+		}
+		if err := r.kv.Put(ctx, bucketNodeIndex, key, []byte(n.ID)); err != nil {
+			return nil, false, fmt.Errorf("index node %s: %w", n.ID, err)
+		}
+		return n, true, nil
+	}
+	err = mu.UpdateMany(ctx, func(tx store.Txn) error {
 		n = nil
 		c, err := create(tx)
 		if err != nil {
@@ -152,27 +166,6 @@ func (r *nodeRegistry) bind(ctx context.Context, tokenID, claimedID string, crea
 		return nil, false, err
 	}
 	return n, true, nil
-}
-
-// updateMany runs fn in one transaction of a store that can
-// (store.MultiUpdater), else applies its writes directly in order.
-func (r *nodeRegistry) updateMany(ctx context.Context, fn func(tx store.Txn) error) error {
-	if mu, ok := r.kv.(store.MultiUpdater); ok {
-		return mu.UpdateMany(ctx, fn)
-	}
-	return fn(directTxn{ctx: ctx, kv: r.kv})
-}
-
-// directTxn is a store.Txn writing straight through to a Store: no
-// atomicity, for stores without store.MultiUpdater.
-type directTxn struct {
-	ctx context.Context
-	kv  store.Store
-}
-
-func (d directTxn) Get(bucket, key string) ([]byte, error) { return d.kv.Get(d.ctx, bucket, key) }
-func (d directTxn) Put(bucket, key string, value []byte) error {
-	return d.kv.Put(d.ctx, bucket, key, value)
 }
 
 func (r *nodeRegistry) put(ctx context.Context, n *Node) error {

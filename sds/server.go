@@ -408,7 +408,11 @@ func (s *Server) admit(st *streamState, claimed *core.Node) (*liveNode, error) {
 	}
 	ctx := st.ctx
 	rec, created, err := s.nodes.bind(ctx, st.token.ID, claimedID, func(tx store.Txn) (*Node, error) {
-		tok, err := s.cfg.Tokens.AdmitIn(tx, st.token.ID)
+		admit := func() (bootstrap.Record, error) { return s.cfg.Tokens.Admit(ctx, st.token.ID) }
+		if tx != nil { // the use is written with the node, in one commit
+			admit = func() (bootstrap.Record, error) { return s.cfg.Tokens.AdmitIn(tx, st.token.ID) }
+		}
+		tok, err := admit()
 		if err != nil {
 			return nil, err
 		}
