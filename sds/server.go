@@ -363,7 +363,7 @@ func (s *Server) Serve(ctx context.Context, lis net.Listener, tlsConf *tls.Confi
 		grpc.KeepaliveParams(keepalive.ServerParameters{Time: 30 * time.Second, Timeout: 10 * time.Second, MaxConnectionIdle: s.cfg.Limits.IdleTimeout}),
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second, PermitWithoutStream: true}),
 		grpc.MaxConcurrentStreams(1024),
-	}, s.grpcLimitOptions()...)...)
+	}, append(s.grpcLimitOptions(), connMemoryOptions()...)...)...)
 	lis = s.limitListener(lis)
 	s.Register(g)
 	done := make(chan struct{})
