@@ -693,18 +693,18 @@ func (s *Server) mint(ctx context.Context, id issuer.Identity) (*issuer.Certific
 	if err != nil {
 		return nil, nil, fmt.Errorf("generate key: %w", err)
 	}
-	uri, err := url.Parse(id.SPIFFEID())
-	if err != nil {
-		return nil, nil, fmt.Errorf("SPIFFE ID %q: %w", id.SPIFFEID(), err)
-	}
-	csr, err := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{
-		Subject: pkix.Name{CommonName: id.NodeID, OrganizationalUnit: []string{id.Service}, Organization: []string{id.Env}},
-		URIs:    []*url.URL{uri},
-	}, key)
-	if err != nil {
-		return nil, nil, fmt.Errorf("create CSR: %w", err)
-	}
-	cert, err := s.cfg.Issuer.Issue(ctx, issuer.Request{Identity: id, CSR: csr, TTL: s.cfg.CertTTL})
+	// The built-in CA certifies the key as is; a remote CA gets a CSR.
+	cert, err := s.cfg.Issuer.Issue(ctx, issuer.Request{Identity: id, TTL: s.cfg.CertTTL, PublicKey: &key.PublicKey,
+		NewCSR: func() ([]byte, error) {
+			uri, err := url.Parse(id.SPIFFEID())
+			if err != nil {
+				return nil, fmt.Errorf("SPIFFE ID %q: %w", id.SPIFFEID(), err)
+			}
+			return x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{
+				Subject: pkix.Name{CommonName: id.NodeID, OrganizationalUnit: []string{id.Service}, Organization: []string{id.Env}},
+				URIs:    []*url.URL{uri},
+			}, key)
+		}})
 	if err != nil {
 		return nil, nil, err
 	}
