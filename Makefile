@@ -24,10 +24,11 @@ PROMTOOL_BUILD   := $(TOOLS)/promtool-$(PROMTOOL_VERSION)/promtool
 
 export SDS_ENVOY_BIN := $(TOOLS)/bin/envoy
 export SDS_SERVER_BIN := $(BIN)/sds-server
+export SDS_LOAD_BIN := $(BIN)/sds-load
 export SDS_STEPCA_BIN := $(TOOLS)/bin/step-ca
 export SDS_PROMTOOL_BIN := $(TOOLS)/bin/promtool
 
-.PHONY: all help build run tools stepca step promtool rules test unit e2e bench fuzz vet fmt clean
+.PHONY: all help build run tools stepca step promtool rules test unit e2e bench fuzz vet fmt clean loadtest load-bin
 
 all: build
 
@@ -155,11 +156,21 @@ fmt: ## gofmt every file in place
 unit: ## unit tests (no external processes)
 	$(GO) test -count=1 ./...
 
-test: tools stepca promtool build vet rules ## unit + e2e tests; installs what they need
+test: tools stepca promtool build load-bin vet rules ## unit + e2e tests; installs what they need
 	SDS_REQUIRE_E2E=1 $(GO) test -count=1 -timeout 20m ./...
 
-e2e: tools stepca build ## e2e tests only (real Envoy, real step-ca)
+e2e: tools stepca build load-bin ## e2e tests only (real Envoy, real step-ca)
 	SDS_REQUIRE_E2E=1 $(GO) test -count=1 -timeout 20m -v ./e2e/...
+
+# sds-load against the bare baseline and the real server, 1k and 10k
+# sidecars each on its own connection (minutes; not part of `make test`).
+# SIZES="1000" for a shorter run; results in bin/loadtest/*.json.
+SIZES ?= 1000 10000
+load-bin: build ## build bin/sds-load (the load harness)
+	CGO_ENABLED=0 $(GO) build -trimpath -o $(BIN)/sds-load ./cmd/sds-load
+
+loadtest: load-bin ## sds-load matrix (1k, 10k sidecars) vs the baseline: prints a table of ratios
+	SIZES="$(SIZES)" cmd/sds-load/loadtest.sh $(BIN) $(BIN)/loadtest
 
 bench: ## benchmarks
 	$(GO) test -run '^$$' -bench . -benchmem ./...

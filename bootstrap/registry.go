@@ -425,26 +425,67 @@ func (r *Registry) Admit(ctx context.Context, id string) (Record, error) {
 	now := r.clock()
 	var rec Record
 	err = r.kv.Update(ctx, Bucket, id, func(old []byte) ([]byte, error) {
-		if old == nil {
-			return nil, unknownErr(id)
-		}
-		var cur Record
-		if err := json.Unmarshal(old, &cur); err != nil {
-			return nil, fmt.Errorf("decode bootstrap token %s: %w", id, err)
-		}
-		switch {
-		case cur.Revoked:
-			return nil, revokedErr(cur)
-		case !now.Before(cur.ExpiresAt):
-			return nil, expiredErr(cur)
-		case cur.MaxUses > 0 && cur.Uses >= cur.MaxUses:
-			return nil, exhaustedErr(cur)
-		}
-		cur.Uses++
-		cur.LastUsedAt = now
-		rec = cur
-		return json.Marshal(cur)
+		var b []byte
+		var err error
+		b, rec, err = admitRecord(id, old, now)
+		return b, err
 	})
+	return admitResult(id, rec, err)
+}
+
+// AdmitIn is Admit inside the store transaction tx, so that the token's use
+// is written in the same commit as the node it admits (one durable write
+// per admission, never a use without its node or the reverse). Like tx's
+// function it has no side effect but on tx and may run more than once.
+func (r *Registry) AdmitIn(tx store.Txn, id string) (Record, error) {
+	id, err := resolveID(id)
+	if err != nil {
+		return Record{}, authErr(ReasonUnknown, err, "unknown bootstrap token: %v", err)
+	}
+	old, err := tx.Get(Bucket, id)
+	if errors.Is(err, store.ErrNotFound) {
+		old, err = nil, nil
+	}
+	if err != nil {
+		return admitResult(id, Record{}, err)
+	}
+	b, rec, err := admitRecord(id, old, r.clock())
+	if err == nil {
+		err = tx.Put(Bucket, id, b)
+	}
+	return admitResult(id, rec, err)
+}
+
+// admitRecord checks the stored record old of token id and returns it with
+// one more use, or the refusal.
+func admitRecord(id string, old []byte, now time.Time) ([]byte, Record, error) {
+	if old == nil {
+		return nil, Record{}, unknownErr(id)
+	}
+	var cur Record
+	if err := json.Unmarshal(old, &cur); err != nil {
+		return nil, Record{}, fmt.Errorf("decode bootstrap token %s: %w", id, err)
+	}
+	switch {
+	case cur.Revoked:
+		return nil, Record{}, revokedErr(cur)
+	case !now.Before(cur.ExpiresAt):
+		return nil, Record{}, expiredErr(cur)
+	case cur.MaxUses > 0 && cur.Uses >= cur.MaxUses:
+		return nil, Record{}, exhaustedErr(cur)
+	}
+	cur.Uses++
+	cur.LastUsedAt = now
+	b, err := json.Marshal(cur)
+	if err != nil {
+		return nil, Record{}, fmt.Errorf("encode bootstrap token %s: %w", id, err)
+	}
+	return b, cur, nil
+}
+
+// admitResult gives Admit's errors their form: refusals as they are,
+// store failures wrapped.
+func admitResult(id string, rec Record, err error) (Record, error) {
 	if err != nil {
 		if ae, ok := AsAuthError(err); ok {
 			return Record{}, ae

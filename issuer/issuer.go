@@ -5,6 +5,7 @@ package issuer
 
 import (
 	"context"
+	"crypto"
 	"crypto/x509"
 	"errors"
 	"fmt"
@@ -106,8 +107,29 @@ type Request struct {
 	// only its public key (after checking its signature): every name and
 	// attribute comes from Identity.
 	CSR []byte
+	// PublicKey, when set, is a workload key generated in this process, and
+	// NewCSR makes the CSR for it when an issuer needs one (use CSRDER).
+	// An in-process issuer (the built-in CA) certifies PublicKey directly: a
+	// CSR proves possession of the key to a remote CA, but in process it is
+	// sds-server proving to itself that it holds the key it generated a
+	// moment before, for a signature and a verification (a third of a
+	// millisecond, a sixth of an admission's CPU).
+	PublicKey crypto.PublicKey
+	NewCSR    func() ([]byte, error)
 	// TTL is the requested lifetime, counted from the issue time.
 	TTL time.Duration
+}
+
+// CSRDER returns the request's CSR: CSR if set, else the one NewCSR makes.
+func (r Request) CSRDER() ([]byte, error) {
+	if len(r.CSR) > 0 || r.NewCSR == nil {
+		return r.CSR, nil
+	}
+	csr, err := r.NewCSR()
+	if err != nil {
+		return nil, fmt.Errorf("create certificate signing request: %w", err)
+	}
+	return csr, nil
 }
 
 // Certificate is an issued workload certificate.

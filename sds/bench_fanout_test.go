@@ -101,9 +101,13 @@ func (f *fastIssuer) Issue(ctx context.Context, req issuer.Request) (*issuer.Cer
 	if err := ctx.Err(); err != nil {
 		return nil, err
 	}
-	csr, err := x509.ParseCertificateRequest(req.CSR)
-	if err != nil {
-		return nil, err
+	pub := req.PublicKey
+	if pub == nil {
+		csr, err := x509.ParseCertificateRequest(req.CSR)
+		if err != nil {
+			return nil, err
+		}
+		pub = csr.PublicKey
 	}
 	uri, err := url.Parse(req.Identity.SPIFFEID())
 	if err != nil {
@@ -117,7 +121,7 @@ func (f *fastIssuer) Issue(ctx context.Context, req issuer.Request) (*issuer.Cer
 		NotBefore:    now.Add(-issuer.Backdate), NotAfter: now.Add(req.TTL),
 		KeyUsage:    x509.KeyUsageDigitalSignature,
 		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth},
-	}, f.root, csr.PublicKey, f.key)
+	}, f.root, pub, f.key)
 	if err != nil {
 		return nil, err
 	}

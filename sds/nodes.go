@@ -8,7 +8,6 @@ import (
 	"errors"
 	"fmt"
 	"sort"
-	"sync"
 	"time"
 
 	"github.com/meshid/sds-server/store"
@@ -72,12 +71,13 @@ func newNodeID() (string, error) {
 	return hex.EncodeToString(b[:]), nil
 }
 
-// nodeRegistry persists node records and serialises admission, so that the
-// several streams one Envoy opens at once bind to one node.
+// nodeRegistry persists node records and serialises the admission of each
+// sidecar, so that the several streams one Envoy opens at once bind to one
+// node, while different sidecars are admitted in parallel.
 type nodeRegistry struct {
-	kv  store.Store
-	now func() time.Time
-	mu  sync.Mutex // serialises lookup-or-create of index entries
+	kv    store.Store
+	now   func() time.Time
+	locks keyLocks // by index key: lookup-or-create of one sidecar, prune
 }
 
 // lookup returns the node a (token, claimed ID) pair was bound to, if any.
@@ -108,12 +108,20 @@ func (r *nodeRegistry) get(ctx context.Context, id string) (*Node, error) {
 // bind returns the node bound to (tokenID, claimedID), creating it with
 // create if there is none, or passing the one there is to back, which
 // returns it (or its updated record) or refuses it. create and back run
-// under the registry lock, so the several streams of one sidecar see one
-// decision; they may refuse (the token's expiry or use limit) and must not
-// call the CA.
-func (r *nodeRegistry) bind(ctx context.Context, tokenID, claimedID string, create func() (*Node, error), back func(*Node) (*Node, error)) (*Node, bool, error) {
-	r.mu.Lock()
-	defer r.mu.Unlock()
+// under the sidecar's lock, so its several streams see one decision; they
+// may refuse (the token's expiry or use limit) and must not call the CA.
+//
+// On a store with multi-key transactions (store.MultiUpdater: bbolt), a new
+// node's record, its index entry and what create writes in tx (the token's
+// use) are one transaction: one durable commit, shared with the other
+// sidecars admitted at the same moment, and never half written; create may
+// then run more than once and must have no side effect but on tx. On other
+// stores create gets a nil tx, makes its own writes, and the node and its
+// index are written after them (a crash can lose a use, never count a node
+// without one).
+func (r *nodeRegistry) bind(ctx context.Context, tokenID, claimedID string, create func(tx store.Txn) (*Node, error), back func(*Node) (*Node, error)) (*Node, bool, error) {
+	key := indexKey(tokenID, claimedID)
+	defer r.locks.lock(key)()
 	n, err := r.lookup(ctx, tokenID, claimedID)
 	if err != nil {
 		return nil, false, err
@@ -122,15 +130,40 @@ func (r *nodeRegistry) bind(ctx context.Context, tokenID, claimedID string, crea
 		n, err = back(n)
 		return n, false, err
 	}
-	n, err = create()
+	mu, ok := r.kv.(store.MultiUpdater)
+	if !ok {
+		if n, err = create(nil); err != nil {
+			return nil, false, err
+		}
+		if err := r.put(ctx, n); err != nil {
+			return nil, false, err
+		}
+		if err := r.kv.Put(ctx, bucketNodeIndex, key, []byte(n.ID)); err != nil {
+			return nil, false, fmt.Errorf("index node %s: %w", n.ID, err)
+		}
+		return n, true, nil
+	}
+	err = mu.UpdateMany(ctx, func(tx store.Txn) error {
+		n = nil
+		c, err := create(tx)
+		if err != nil {
+			return err
+		}
+		b, err := json.Marshal(c)
+		if err != nil {
+			return fmt.Errorf("encode node %s: %w", c.ID, err)
+		}
+		if err := tx.Put(bucketNodes, c.ID, b); err != nil {
+			return fmt.Errorf("save node %s: %w", c.ID, err)
+		}
+		if err := tx.Put(bucketNodeIndex, key, []byte(c.ID)); err != nil {
+			return fmt.Errorf("index node %s: %w", c.ID, err)
+		}
+		n = c
+		return nil
+	})
 	if err != nil {
 		return nil, false, err
-	}
-	if err := r.put(ctx, n); err != nil {
-		return nil, false, err
-	}
-	if err := r.kv.Put(ctx, bucketNodeIndex, indexKey(tokenID, claimedID), []byte(n.ID)); err != nil {
-		return nil, false, fmt.Errorf("index node %s: %w", n.ID, err)
 	}
 	return n, true, nil
 }

@@ -124,13 +124,19 @@ func (s *Server) inUse(n *Node) bool {
 }
 
 // prune removes node id and its index entry if it is still prunable at
-// cutoff and not in use. It runs under the registry lock, so no admission
-// looks the node up meanwhile, and one that looked it up before is seen by
-// inUse.
+// cutoff and not in use. It runs under the lock of the node's sidecar
+// (token, claimed node.id), so no admission looks the node up meanwhile, and
+// one that looked it up before is seen by inUse.
 func (r *nodeRegistry) prune(ctx context.Context, id string, cutoff time.Time, inUse func(*Node) bool) (bool, error) {
-	r.mu.Lock()
-	defer r.mu.Unlock()
 	n, err := r.get(ctx, id)
+	if errors.Is(err, store.ErrNotFound) {
+		return false, nil
+	}
+	if err != nil {
+		return false, err
+	}
+	defer r.locks.lock(indexKey(n.TokenID, n.ClaimedID))()
+	n, err = r.get(ctx, id) // again, under the lock
 	if errors.Is(err, store.ErrNotFound) {
 		return false, nil
 	}

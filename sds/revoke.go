@@ -60,6 +60,7 @@ func (s *Server) RevokeNode(ctx context.Context, id, reason string) (*Node, erro
 	now := s.now().UTC()
 	already := false
 	rec, err := s.nodes.update(ctx, id, func(n *Node) error {
+		already = false // fn may run more than once (store.Store.Update)
 		if n.Status == NodeRevoked {
 			already = true
 			return nil

@@ -384,7 +384,7 @@ func (s *Server) Serve(ctx context.Context, lis net.Listener, tlsConf *tls.Confi
 		grpc.KeepaliveParams(keepalive.ServerParameters{Time: 30 * time.Second, Timeout: 10 * time.Second, MaxConnectionIdle: s.cfg.Limits.IdleTimeout}),
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second, PermitWithoutStream: true}),
 		grpc.MaxConcurrentStreams(1024),
-	}, s.grpcLimitOptions()...)...)
+	}, append(s.grpcLimitOptions(), connMemoryOptions()...)...)...)
 	lis = s.limitListener(lis)
 	s.Register(g)
 	done := make(chan struct{})
@@ -434,11 +434,15 @@ func (s *Server) admit(st *streamState, claimed *core.Node) (*liveNode, error) {
 		return nil, &refusal{code: codes.InvalidArgument, reason: "bad_node", msg: "node.id must be set (1-256 characters) in the Envoy bootstrap"}
 	}
 	ctx := st.ctx
-	rec, created, err := s.nodes.bind(ctx, st.token.ID, claimedID, func() (*Node, error) {
+	rec, created, err := s.nodes.bind(ctx, st.token.ID, claimedID, func(tx store.Txn) (*Node, error) {
 		if st.staleRoot != nil {
 			return nil, st.staleRoot
 		}
-		tok, err := s.cfg.Tokens.Admit(ctx, st.token.ID)
+		admit := func() (bootstrap.Record, error) { return s.cfg.Tokens.Admit(ctx, st.token.ID) }
+		if tx != nil { // the use is written with the node, in one commit
+			admit = func() (bootstrap.Record, error) { return s.cfg.Tokens.AdmitIn(tx, st.token.ID) }
+		}
+		tok, err := admit()
 		if err != nil {
 			return nil, err
 		}
@@ -722,18 +726,18 @@ func (s *Server) mint(ctx context.Context, id issuer.Identity) (*issuer.Certific
 	if err != nil {
 		return nil, nil, fmt.Errorf("generate key: %w", err)
 	}
-	uri, err := url.Parse(id.SPIFFEID())
-	if err != nil {
-		return nil, nil, fmt.Errorf("SPIFFE ID %q: %w", id.SPIFFEID(), err)
-	}
-	csr, err := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{
-		Subject: pkix.Name{CommonName: id.NodeID, OrganizationalUnit: []string{id.Service}, Organization: []string{id.Env}},
-		URIs:    []*url.URL{uri},
-	}, key)
-	if err != nil {
-		return nil, nil, fmt.Errorf("create CSR: %w", err)
-	}
-	cert, err := s.cfg.Issuer.Issue(ctx, issuer.Request{Identity: id, CSR: csr, TTL: s.cfg.CertTTL})
+	// The built-in CA certifies the key as is; a remote CA gets a CSR.
+	cert, err := s.cfg.Issuer.Issue(ctx, issuer.Request{Identity: id, TTL: s.cfg.CertTTL, PublicKey: &key.PublicKey,
+		NewCSR: func() ([]byte, error) {
+			uri, err := url.Parse(id.SPIFFEID())
+			if err != nil {
+				return nil, fmt.Errorf("SPIFFE ID %q: %w", id.SPIFFEID(), err)
+			}
+			return x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{
+				Subject: pkix.Name{CommonName: id.NodeID, OrganizationalUnit: []string{id.Service}, Organization: []string{id.Env}},
+				URIs:    []*url.URL{uri},
+			}, key)
+		}})
 	if err != nil {
 		return nil, nil, err
 	}

@@ -37,7 +37,10 @@ type Bolt struct {
 	path string
 }
 
-var _ Store = (*Bolt)(nil)
+var (
+	_ Store        = (*Bolt)(nil)
+	_ MultiUpdater = (*Bolt)(nil)
+)
 
 // OpenBolt opens the bbolt file at path, creating it with mode 0600 if it
 // does not exist. The directory must already exist (the caller owns the data
@@ -98,7 +101,8 @@ func (s *Bolt) Get(ctx context.Context, bucket, key string) ([]byte, error) {
 // Put sets the value of key in bucket, creating the bucket if needed. A nil
 // value is stored as an empty value (use Delete to remove a key). If ctx is
 // cancelled while waiting for the write lock, nothing is written and
-// ctx.Err() is returned.
+// ctx.Err() is returned. Like every write here it goes through bbolt's
+// group commit (see write): it returns once the value is durable.
 func (s *Bolt) Put(ctx context.Context, bucket, key string, value []byte) error {
 	if err := ctx.Err(); err != nil {
 		return err
@@ -106,7 +110,7 @@ func (s *Bolt) Put(ctx context.Context, bucket, key string, value []byte) error 
 	if err := checkNames(bucket, key); err != nil {
 		return err
 	}
-	err := s.db.Update(func(tx *bolt.Tx) error {
+	err := s.write(func(tx *bolt.Tx) error {
 		if err := ctx.Err(); err != nil {
 			return err // cancelled while waiting for the write lock
 		}
@@ -129,7 +133,9 @@ func (s *Bolt) Put(ctx context.Context, bucket, key string, value []byte) error 
 }
 
 // Update runs fn in one bbolt read-write transaction, so it is atomic and
-// serialised with every other write; fn is called exactly once. fn receives
+// serialised with every other write. Concurrent writes share one commit
+// (see write), so fn may be called more than once (Store's contract: no side
+// effects); each call sees the state it is applied to. fn receives
 // a private copy of the current value (nil if the key is absent; a present
 // empty value is a non-nil empty slice). fn's result is written; a nil result
 // deletes the key. If fn returns an error nothing is written and that error
@@ -143,7 +149,8 @@ func (s *Bolt) Update(ctx context.Context, bucket, key string, fn func(old []byt
 		return err
 	}
 	var fnErr error
-	err := s.db.Update(func(tx *bolt.Tx) error {
+	err := s.write(func(tx *bolt.Tx) error {
+		fnErr = nil
 		if err := ctx.Err(); err != nil {
 			fnErr = err // cancelled while waiting for the write lock
 			return err
@@ -192,7 +199,7 @@ func (s *Bolt) Delete(ctx context.Context, bucket, key string) error {
 	if err := checkNames(bucket, key); err != nil {
 		return err
 	}
-	err := s.db.Update(func(tx *bolt.Tx) error {
+	err := s.write(func(tx *bolt.Tx) error {
 		if err := ctx.Err(); err != nil {
 			return err // cancelled while waiting for the write lock
 		}
@@ -209,6 +216,80 @@ func (s *Bolt) Delete(ctx context.Context, bucket, key string) error {
 		return s.wrap("delete", bucket, key, err)
 	}
 	return nil
+}
+
+// write runs fn in a read-write transaction through bbolt's Batch: writes
+// arriving together (many sidecars admitted at once) share one commit and
+// one fsync instead of queueing for one each behind bbolt's single writer.
+// The durability is the same as db.Update: write returns only after the
+// commit holding fn's changes is on disk, and returns fn's error (then
+// nothing of fn's is written). The price is that fn may run more than once
+// (a batch that fails is retried, the failing function alone), which the
+// Store contract allows; and that a lone write waits up to
+// bolt.DefaultMaxBatchDelay (10 ms) for company.
+func (s *Bolt) write(fn func(tx *bolt.Tx) error) error {
+	return s.db.Batch(fn)
+}
+
+// UpdateMany runs fn in one read-write transaction (MultiUpdater): all of
+// its writes are committed together, durably, or none is. fn may be called
+// more than once; its error is returned as is and writes nothing.
+func (s *Bolt) UpdateMany(ctx context.Context, fn func(tx Txn) error) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	var fnErr error
+	err := s.write(func(tx *bolt.Tx) error {
+		fnErr = nil
+		if err := ctx.Err(); err != nil {
+			fnErr = err
+			return err
+		}
+		if err := fn(boltTxn{tx}); err != nil {
+			fnErr = err
+			return err
+		}
+		return nil
+	})
+	if err != nil {
+		if fnErr != nil && err == fnErr {
+			return err
+		}
+		return fmt.Errorf("store %s: update: %w", s.path, err)
+	}
+	return nil
+}
+
+// boltTxn is the Txn of one bbolt transaction.
+type boltTxn struct{ tx *bolt.Tx }
+
+func (t boltTxn) Get(bucket, key string) ([]byte, error) {
+	if err := checkNames(bucket, key); err != nil {
+		return nil, err
+	}
+	b := t.tx.Bucket([]byte(bucket))
+	if b == nil {
+		return nil, ErrNotFound
+	}
+	v := b.Get([]byte(key))
+	if v == nil {
+		return nil, ErrNotFound
+	}
+	return clone(v), nil
+}
+
+func (t boltTxn) Put(bucket, key string, value []byte) error {
+	if err := checkNames(bucket, key); err != nil {
+		return err
+	}
+	b, err := t.tx.CreateBucketIfNotExists([]byte(bucket))
+	if err != nil {
+		return fmt.Errorf("bucket %s: %w", bucket, err)
+	}
+	if value == nil {
+		value = []byte{}
+	}
+	return b.Put([]byte(key), value)
 }
 
 // List calls fn for every key of bucket in byte-wise key order. It reads a

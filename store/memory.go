@@ -73,6 +73,51 @@ func (m *Memory) Update(ctx context.Context, bucket, key string, fn func(old []b
 	return nil
 }
 
+// UpdateMany runs fn with the store locked (MultiUpdater): its writes are
+// applied together if it returns nil, none of them otherwise. fn must not
+// call back into the store (it would deadlock).
+func (m *Memory) UpdateMany(ctx context.Context, fn func(tx Txn) error) error {
+	if err := m.begin(ctx, "-", "-"); err != nil {
+		return err
+	}
+	defer m.mu.Unlock()
+	t := &memTxn{m: m, writes: map[[2]string][]byte{}}
+	if err := fn(t); err != nil {
+		return err
+	}
+	for k, v := range t.writes {
+		m.set(k[0], k[1], v)
+	}
+	return nil
+}
+
+// memTxn buffers UpdateMany's writes; m.mu is held.
+type memTxn struct {
+	m      *Memory
+	writes map[[2]string][]byte
+}
+
+func (t *memTxn) Get(bucket, key string) ([]byte, error) {
+	if err := checkNames(bucket, key); err != nil {
+		return nil, err
+	}
+	if v, ok := t.writes[[2]string{bucket, key}]; ok {
+		return clone(v), nil
+	}
+	if v, ok := t.m.buckets[bucket][key]; ok {
+		return clone(v), nil
+	}
+	return nil, ErrNotFound
+}
+
+func (t *memTxn) Put(bucket, key string, value []byte) error {
+	if err := checkNames(bucket, key); err != nil {
+		return err
+	}
+	t.writes[[2]string{bucket, key}] = clone(value)
+	return nil
+}
+
 // Delete removes key from bucket; a missing key is not an error.
 func (m *Memory) Delete(ctx context.Context, bucket, key string) error {
 	if err := m.begin(ctx, bucket, key); err != nil {

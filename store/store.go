@@ -32,3 +32,23 @@ type Store interface {
 	// Close releases the store.
 	Close() error
 }
+
+// Txn is one multi-key write transaction of UpdateMany: reads see the
+// transaction's own writes; nothing is visible to others, or durable, until
+// UpdateMany returns nil.
+type Txn interface {
+	// Get returns a copy of the value of key in bucket, or ErrNotFound.
+	Get(bucket, key string) ([]byte, error)
+	// Put sets the value of key in bucket (nil stores an empty value).
+	Put(bucket, key string, value []byte) error
+}
+
+// MultiUpdater is implemented by stores that can write keys of several
+// buckets in one atomic, durable transaction (Bolt, Memory), so that records
+// belonging to one event (a node's admission: the token's use, the node,
+// its index entry) cost one durable write and are never half written. fn may
+// be called more than once and must not have side effects; if it returns an
+// error nothing is written and UpdateMany returns that error as is.
+type MultiUpdater interface {
+	UpdateMany(ctx context.Context, fn func(tx Txn) error) error
+}

@@ -21,6 +21,75 @@ var errSentinel = errors.New("sentinel")
 func testStore(t *testing.T, open func(t *testing.T) Store) {
 	ctx := context.Background()
 
+	t.Run("UpdateMany", func(t *testing.T) {
+		s := open(t)
+		mu, ok := s.(MultiUpdater)
+		if !ok {
+			t.Fatal("store does not implement MultiUpdater")
+		}
+		mustPut(t, s, "tokens", "t", "1")
+		errRefuse := errors.New("refused")
+		tests := []struct {
+			name    string
+			fn      func(tx Txn) error
+			wantErr error
+			want    map[[2]string]*string // nil value: absent
+		}{
+			{"writes of several buckets together", func(tx Txn) error {
+				v, err := tx.Get("tokens", "t")
+				if err != nil {
+					return err
+				}
+				if err := tx.Put("tokens", "t", append(v, '+')); err != nil {
+					return err
+				}
+				if err := tx.Put("nodes", "n1", []byte("node")); err != nil {
+					return err
+				}
+				// Reads see the transaction's own writes.
+				if v, err := tx.Get("nodes", "n1"); err != nil || string(v) != "node" {
+					return fmt.Errorf("own write not visible: %q, %v", v, err)
+				}
+				return tx.Put("index", "t/a", []byte("n1"))
+			}, nil, map[[2]string]*string{{"tokens", "t"}: ptr("1+"), {"nodes", "n1"}: ptr("node"), {"index", "t/a"}: ptr("n1")}},
+			{"an error writes nothing", func(tx Txn) error {
+				if err := tx.Put("tokens", "t", []byte("lost")); err != nil {
+					return err
+				}
+				if err := tx.Put("nodes", "n2", []byte("lost")); err != nil {
+					return err
+				}
+				return fmt.Errorf("token exhausted: %w", errRefuse)
+			}, errRefuse, map[[2]string]*string{{"tokens", "t"}: ptr("1+"), {"nodes", "n2"}: nil}},
+			{"missing key", func(tx Txn) error {
+				_, err := tx.Get("nodes", "nope")
+				return err
+			}, ErrNotFound, nil},
+			{"empty names refused", func(tx Txn) error { return tx.Put("", "k", nil) }, errEmptyName, nil},
+		}
+		for _, tc := range tests {
+			t.Run(tc.name, func(t *testing.T) {
+				err := mu.UpdateMany(ctx, tc.fn)
+				if !errors.Is(err, tc.wantErr) {
+					t.Fatalf("UpdateMany = %v, want %v", err, tc.wantErr)
+				}
+				for k, v := range tc.want {
+					if v == nil {
+						wantMissing(t, s, k[0], k[1])
+					} else {
+						wantValue(t, s, k[0], k[1], *v)
+					}
+				}
+			})
+		}
+		cctx, cancel := context.WithCancel(ctx)
+		cancel()
+		if err := mu.UpdateMany(cctx, func(tx Txn) error { return tx.Put("b", "k", []byte("v")) }); !errors.Is(err, context.Canceled) {
+			t.Errorf("UpdateMany with a cancelled context = %v", err)
+		}
+		wantMissing(t, s, "b", "k")
+	})
+
 	t.Run("PutGetRoundtrip", func(t *testing.T) {
 		big := bytes.Repeat([]byte("0123456789abcdef"), 64<<10) // 1 MiB
 		tests := []struct {

@@ -25,11 +25,28 @@ import (
 const minRSABits = 2048
 
 // Issue signs a workload certificate for req.Identity with the intermediate.
-// Of the CSR only the public key is used, after its signature is checked:
+// Of the CSR only the public key is used, after its signature is checked
+// (req.PublicKey, a key generated in this process, is used as is):
 // names and attributes all come from the authenticated identity. The
 // lifetime is cut short at the intermediate's expiry, and the returned TTL
 // says so. Issue implements issuer.Issuer and is safe for concurrent use.
 func (ca *CA) Issue(ctx context.Context, req issuer.Request) (*issuer.Certificate, error) {
+	if req.PublicKey != nil { // generated in this process: no CSR to check
+		keyUsage, err := leafKeyUsage(req.PublicKey)
+		if err != nil {
+			return nil, fmt.Errorf("issue certificate for %s: %w", req.Identity.SPIFFEID(), err)
+		}
+		return ca.issue(ctx, req, req.PublicKey, keyUsage)
+	}
+	pub, keyUsage, err := csrPublicKey(req.CSR)
+	if err != nil {
+		return nil, fmt.Errorf("issue certificate for %s: %w", req.Identity.SPIFFEID(), err)
+	}
+	return ca.issue(ctx, req, pub, keyUsage)
+}
+
+// issue signs the certificate of req.Identity for pub.
+func (ca *CA) issue(ctx context.Context, req issuer.Request, pub crypto.PublicKey, keyUsage x509.KeyUsage) (*issuer.Certificate, error) {
 	id := req.Identity
 	if err := id.Validate(); err != nil {
 		return nil, fmt.Errorf("issue certificate: %w", err)
@@ -38,10 +55,6 @@ func (ca *CA) Issue(ctx context.Context, req issuer.Request) (*issuer.Certificat
 		return nil, fmt.Errorf("issue certificate: identity is in trust domain %q, but this CA serves %q", id.TrustDomain, ca.trustDomain)
 	}
 	if err := issuer.ValidateTTL(req.TTL, ca.allowShortTTL); err != nil {
-		return nil, fmt.Errorf("issue certificate for %s: %w", id.SPIFFEID(), err)
-	}
-	pub, keyUsage, err := csrPublicKey(req.CSR)
-	if err != nil {
 		return nil, fmt.Errorf("issue certificate for %s: %w", id.SPIFFEID(), err)
 	}
 	uri, err := url.Parse(id.SPIFFEID())
@@ -84,20 +97,30 @@ func csrPublicKey(der []byte) (crypto.PublicKey, x509.KeyUsage, error) {
 	if err := csr.CheckSignature(); err != nil {
 		return nil, 0, fmt.Errorf("certificate signing request signature: %w", err)
 	}
+	ku, err := leafKeyUsage(csr.PublicKey)
+	if err != nil {
+		return nil, 0, fmt.Errorf("%w in certificate signing request", err)
+	}
+	return csr.PublicKey, ku, nil
+}
+
+// leafKeyUsage returns the key usage a leaf for pub gets, or why pub is not
+// an accepted workload key.
+func leafKeyUsage(pub crypto.PublicKey) (x509.KeyUsage, error) {
 	const want = "use ECDSA P-256 or P-384, or RSA of at least 2048 bits"
-	switch k := csr.PublicKey.(type) {
+	switch k := pub.(type) {
 	case *ecdsa.PublicKey:
 		if k.Curve != elliptic.P256() && k.Curve != elliptic.P384() {
-			return nil, 0, fmt.Errorf("unsupported ECDSA curve %s in certificate signing request: %s", k.Curve.Params().Name, want)
+			return 0, fmt.Errorf("unsupported ECDSA curve %s (%s)", k.Curve.Params().Name, want)
 		}
-		return k, x509.KeyUsageDigitalSignature, nil
+		return x509.KeyUsageDigitalSignature, nil
 	case *rsa.PublicKey:
 		if k.N.BitLen() < minRSABits {
-			return nil, 0, fmt.Errorf("RSA key of %d bits in certificate signing request is too short: %s", k.N.BitLen(), want)
+			return 0, fmt.Errorf("RSA key of %d bits is too short (%s)", k.N.BitLen(), want)
 		}
-		return k, x509.KeyUsageDigitalSignature | x509.KeyUsageKeyEncipherment, nil
+		return x509.KeyUsageDigitalSignature | x509.KeyUsageKeyEncipherment, nil
 	default:
-		return nil, 0, fmt.Errorf("unsupported key type %T in certificate signing request: %s", k, want)
+		return 0, fmt.Errorf("unsupported key type %T (%s)", k, want)
 	}
 }
 

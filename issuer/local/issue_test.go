@@ -453,3 +453,43 @@ func BenchmarkIssue(b *testing.B) {
 		}
 	}
 }
+
+// TestIssuePublicKey: a key handed over directly (Request.PublicKey, no
+// CSR) gets the same leaf as through a CSR, and the same key checks refuse
+// the same keys.
+func TestIssuePublicKey(t *testing.T) {
+	ca, _ := newTestCA(t, testOptions())
+	id := testIdentity()
+	key := newP256(t)
+	viaKey, err := ca.Issue(context.Background(), issuer.Request{Identity: id, TTL: time.Hour, PublicKey: &key.PublicKey})
+	if err != nil {
+		t.Fatalf("Issue with a public key: %v", err)
+	}
+	viaCSR, err := ca.Issue(context.Background(), issuer.Request{Identity: id, CSR: newCSR(t, key, nil), TTL: time.Hour})
+	if err != nil {
+		t.Fatalf("Issue: %v", err)
+	}
+	a, b := viaKey.Leaf, viaCSR.Leaf
+	if a.Subject.String() != b.Subject.String() || a.URIs[0].String() != b.URIs[0].String() ||
+		a.KeyUsage != b.KeyUsage || !slices.Equal(a.ExtKeyUsage, b.ExtKeyUsage) || !a.NotAfter.Equal(b.NotAfter) ||
+		!key.PublicKey.Equal(a.PublicKey) || !bytes.Equal(a.AuthorityKeyId, b.AuthorityKeyId) {
+		t.Errorf("leaf for the public key differs from Issue's:\n%+v\n%+v", a, b)
+	}
+	p224, err := ecdsa.GenerateKey(elliptic.P224(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	edPub, _, _ := ed25519.GenerateKey(rand.Reader)
+	for _, tc := range []struct {
+		name string
+		pub  crypto.PublicKey
+		want string
+	}{
+		{"P-224", &p224.PublicKey, "unsupported ECDSA curve P-224"},
+		{"Ed25519", edPub, "unsupported key type"},
+	} {
+		if _, err := ca.Issue(context.Background(), issuer.Request{Identity: id, TTL: time.Hour, PublicKey: tc.pub}); err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("Issue(public key %s) = %v, want an error containing %q", tc.name, err, tc.want)
+		}
+	}
+}

@@ -66,7 +66,11 @@ func (iss *Issuer) Issue(ctx context.Context, req issuer.Request) (*issuer.Certi
 	if err := iss.checkTTL(req.TTL); err != nil {
 		return nil, fmt.Errorf("issue certificate for %s: %w", spiffeID, err)
 	}
-	csr, err := parseCSR(req.CSR)
+	der, err := req.CSRDER()
+	if err != nil {
+		return nil, err
+	}
+	csr, err := parseCSR(der)
 	if err != nil {
 		return nil, fmt.Errorf("issue certificate for %s: %w", spiffeID, err)
 	}
