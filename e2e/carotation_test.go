@@ -6,17 +6,13 @@ import (
 	"encoding/json"
 	"encoding/pem"
 	"fmt"
-	"io"
 	"math/big"
-	"net/http"
-	"net/http/httptrace"
 	"os"
 	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"testing"
 	"time"
 )
@@ -277,42 +273,7 @@ func TestRootRotationUnderTraffic(t *testing.T) {
 	rootA := before.CA.Roots[0]
 
 	bg := newBackground(t)
-	var sent, failed, keepAliveReused atomic.Int64
-	var failMu sync.Mutex
-	var failures []string
-	started := time.Now()
-	do := func(c *http.Client, trace *httptrace.ClientTrace) {
-		req, _ := http.NewRequest("GET", target, nil)
-		if trace != nil {
-			req = req.WithContext(httptrace.WithClientTrace(req.Context(), trace))
-		}
-		sent.Add(1)
-		resp, err := c.Do(req)
-		if err == nil {
-			_, _ = io.Copy(io.Discard, resp.Body)
-			resp.Body.Close()
-			if resp.StatusCode != http.StatusOK {
-				err = fmt.Errorf("%s", resp.Status)
-			}
-		}
-		if err != nil {
-			failed.Add(1)
-			failMu.Lock()
-			if len(failures) < 10 {
-				failures = append(failures, fmt.Sprintf("%s: %v", time.Since(started).Round(time.Second), err))
-			}
-			failMu.Unlock()
-		}
-	}
-	fresh := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}}
-	keep := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{MaxConnsPerHost: 1, MaxIdleConnsPerHost: 1, IdleConnTimeout: time.Hour}}
-	trace := &httptrace.ClientTrace{GotConn: func(i httptrace.GotConnInfo) {
-		if i.Reused {
-			keepAliveReused.Add(1)
-		}
-	}}
-	bg.every(time.Second/15, func() { do(fresh, nil) })
-	bg.every(time.Second/10, func() { do(keep, trace) })
+	tr := startTraffic(bg, target, 15, 10)
 	watchers := map[string]*chainWatcher{"frontend": {interCA: map[string]string{}}, "backend": {interCA: map[string]string{}}}
 	bg.every(200*time.Millisecond, func() {
 		for name, w := range watchers {
@@ -472,8 +433,8 @@ func TestRootRotationUnderTraffic(t *testing.T) {
 			}
 		}
 	}
-	failedRotation := failed.Load()
-	sentRotation := sent.Load()
+	failedRotation := tr.failed.Load()
+	sentRotation := tr.sent.Load()
 
 	// Restart: Envoys bootstrapped pinning A reconnect and renew.
 	lastBefore := map[string]string{}
@@ -502,9 +463,9 @@ func TestRootRotationUnderTraffic(t *testing.T) {
 	bg.stop()
 
 	t.Logf("requests: %d sent, %d failed (%d sent, %d failed up to the end of the rotation), %d on the reused keep-alive connection",
-		sent.Load(), failed.Load(), sentRotation, failedRotation, keepAliveReused.Load())
-	if failed.Load() != 0 {
-		t.Errorf("%d of %d requests failed, e.g. %q", failed.Load(), sent.Load(), failures)
+		tr.sent.Load(), tr.failed.Load(), sentRotation, failedRotation, tr.keepAliveReused.Load())
+	if tr.failed.Load() != 0 {
+		t.Errorf("%d of %d requests failed, e.g. %q", tr.failed.Load(), tr.sent.Load(), tr.firstFailures())
 		// Which side refused what: Envoy's TLS counters.
 		for name, admin := range admins {
 			body, _ := httpGet("http://" + admin + "/stats?filter=ssl\\.(fail|connection_error|no_certificate)|upstream_cx_connect_fail|upstream_rq_5")
@@ -517,8 +478,8 @@ func TestRootRotationUnderTraffic(t *testing.T) {
 			t.Logf("%s Envoy counters: %s", name, strings.Join(nonZero, "; "))
 		}
 	}
-	if keepAliveReused.Load() < 100 {
-		t.Errorf("the keep-alive connection was reused for only %d requests", keepAliveReused.Load())
+	if tr.keepAliveReused.Load() < 100 {
+		t.Errorf("the keep-alive connection was reused for only %d requests", tr.keepAliveReused.Load())
 	}
 	for name, p := range map[string]*envoy{"frontend": m.frontend, "backend": m.backend} {
 		if !p.alive() || p.pid() != pids[name] {

@@ -6,14 +6,9 @@ import (
 	"encoding/json"
 	"encoding/pem"
 	"fmt"
-	"io"
-	"net/http"
-	"net/http/httptrace"
 	"regexp"
 	"strconv"
 	"strings"
-	"sync"
-	"sync/atomic"
 	"testing"
 	"time"
 )
@@ -86,41 +81,7 @@ func TestIntermediateRenewal(t *testing.T) {
 	})
 
 	bg := newBackground(t)
-	var sent, failed, keepAliveReused atomic.Int64
-	var failMu sync.Mutex
-	var failures []string
-	do := func(c *http.Client, trace *httptrace.ClientTrace) {
-		req, _ := http.NewRequest("GET", target, nil)
-		if trace != nil {
-			req = req.WithContext(httptrace.WithClientTrace(req.Context(), trace))
-		}
-		sent.Add(1)
-		resp, err := c.Do(req)
-		if err == nil {
-			_, _ = io.Copy(io.Discard, resp.Body)
-			resp.Body.Close()
-			if resp.StatusCode != http.StatusOK {
-				err = fmt.Errorf("%s", resp.Status)
-			}
-		}
-		if err != nil {
-			failed.Add(1)
-			failMu.Lock()
-			if len(failures) < 10 {
-				failures = append(failures, fmt.Sprintf("%s: %v", time.Since(started).Round(time.Second), err))
-			}
-			failMu.Unlock()
-		}
-	}
-	fresh := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}}
-	keep := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{MaxConnsPerHost: 1, MaxIdleConnsPerHost: 1, IdleConnTimeout: time.Hour}}
-	trace := &httptrace.ClientTrace{GotConn: func(i httptrace.GotConnInfo) {
-		if i.Reused {
-			keepAliveReused.Add(1)
-		}
-	}}
-	bg.every(time.Second/15, func() { do(fresh, nil) })
-	bg.every(time.Second/10, func() { do(keep, trace) })
+	tr := startTraffic(bg, target, 15, 10)
 	watchers := map[string]*certWatcher{"frontend": {known: map[string]bool{}}, "backend": {known: map[string]bool{}}}
 	admins := map[string]string{"frontend": m.frontend.admin, "backend": m.backend.admin}
 	bg.every(200*time.Millisecond, func() {
@@ -152,12 +113,12 @@ func TestIntermediateRenewal(t *testing.T) {
 	time.Sleep(3 * time.Second) // traffic on the new leaves too
 	bg.stop()
 
-	t.Logf("requests: %d sent, %d failed, %d on the reused keep-alive connection", sent.Load(), failed.Load(), keepAliveReused.Load())
-	if failed.Load() != 0 {
-		t.Errorf("%d of %d requests failed during intermediate renewal, e.g. %q", failed.Load(), sent.Load(), failures)
+	t.Logf("requests: %d sent, %d failed, %d on the reused keep-alive connection", tr.sent.Load(), tr.failed.Load(), tr.keepAliveReused.Load())
+	if tr.failed.Load() != 0 {
+		t.Errorf("%d of %d requests failed during intermediate renewal, e.g. %q", tr.failed.Load(), tr.sent.Load(), tr.firstFailures())
 	}
-	if keepAliveReused.Load() < 100 {
-		t.Errorf("the keep-alive connection was reused for only %d requests", keepAliveReused.Load())
+	if tr.keepAliveReused.Load() < 100 {
+		t.Errorf("the keep-alive connection was reused for only %d requests", tr.keepAliveReused.Load())
 	}
 	var prev time.Time
 	for _, a := range activatedRE.FindAllStringSubmatch(srv.out.String(), -1) {

@@ -5,13 +5,9 @@ import (
 	"encoding/json"
 	"encoding/pem"
 	"fmt"
-	"io"
-	"net/http"
-	"net/http/httptrace"
 	"net/url"
 	"regexp"
 	"sync"
-	"sync/atomic"
 	"testing"
 	"time"
 )
@@ -132,45 +128,7 @@ func TestRotation(t *testing.T) {
 	watchers := map[string]*certWatcher{"frontend": {known: map[string]bool{}}, "backend": {known: map[string]bool{}}}
 	admins := map[string]string{"frontend": m.frontend.admin, "backend": m.backend.admin}
 	bg := newBackground(t)
-	var sent, failed, keepAliveReused atomic.Int64
-	var failMu sync.Mutex
-	var failures []string
-	fail := func(s string) {
-		failed.Add(1)
-		failMu.Lock()
-		if len(failures) < 10 {
-			failures = append(failures, s)
-		}
-		failMu.Unlock()
-	}
-	do := func(c *http.Client, trace *httptrace.ClientTrace) {
-		req, _ := http.NewRequest("GET", target, nil)
-		if trace != nil {
-			req = req.WithContext(httptrace.WithClientTrace(req.Context(), trace))
-		}
-		sent.Add(1)
-		resp, err := c.Do(req)
-		if err != nil {
-			fail(err.Error())
-			return
-		}
-		_, _ = io.Copy(io.Discard, resp.Body)
-		resp.Body.Close()
-		if resp.StatusCode != http.StatusOK {
-			fail(resp.Status)
-		}
-	}
-	// New connections: 15 requests/s, each on a fresh connection.
-	fresh := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}}
-	// One long-lived keep-alive connection: 10 requests/s.
-	keep := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{MaxConnsPerHost: 1, MaxIdleConnsPerHost: 1, IdleConnTimeout: time.Hour}}
-	trace := &httptrace.ClientTrace{GotConn: func(i httptrace.GotConnInfo) {
-		if i.Reused {
-			keepAliveReused.Add(1)
-		}
-	}}
-	bg.every(time.Second/15, func() { do(fresh, nil) })
-	bg.every(time.Second/10, func() { do(keep, trace) })
+	tr := startTraffic(bg, target, 15, 10)
 	bg.every(200*time.Millisecond, func() {
 		for name, w := range watchers {
 			w.poll(admins[name])
@@ -189,12 +147,12 @@ func TestRotation(t *testing.T) {
 	time.Sleep(2 * time.Second) // traffic on the last certificates too
 	bg.stop()
 
-	t.Logf("requests: %d sent, %d failed, %d on the reused keep-alive connection", sent.Load(), failed.Load(), keepAliveReused.Load())
-	if failed.Load() != 0 {
-		t.Errorf("%d of %d requests failed during rotation, e.g. %q", failed.Load(), sent.Load(), failures)
+	t.Logf("requests: %d sent, %d failed, %d on the reused keep-alive connection", tr.sent.Load(), tr.failed.Load(), tr.keepAliveReused.Load())
+	if tr.failed.Load() != 0 {
+		t.Errorf("%d of %d requests failed during rotation, e.g. %q", tr.failed.Load(), tr.sent.Load(), tr.firstFailures())
 	}
-	if keepAliveReused.Load() < 100 {
-		t.Errorf("the keep-alive connection was reused for only %d requests; want it to live through the rotations", keepAliveReused.Load())
+	if tr.keepAliveReused.Load() < 100 {
+		t.Errorf("the keep-alive connection was reused for only %d requests; want it to live through the rotations", tr.keepAliveReused.Load())
 	}
 	for name, w := range watchers {
 		certs := w.certs()
