@@ -46,6 +46,9 @@ type bundleAcks struct {
 	mu    sync.Mutex
 	sent  []bundleRes       // recent ROOTCA resources, newest last
 	acked map[string]string // node ID -> bundle version it last ACKed
+	// logged is the bundle version last logged as ACKed by every
+	// connected node (logTrustRollout).
+	logged string
 }
 
 // bundleRes is one published ROOTCA resource and the bundle it carries.
@@ -96,6 +99,18 @@ func (b *bundleAcks) forget(nodeID string) {
 	b.mu.Lock()
 	delete(b.acked, nodeID)
 	b.mu.Unlock()
+}
+
+// markLogged reports whether version was already logged as complete, and
+// records it as such when complete is true.
+func (b *bundleAcks) markLogged(version string, complete bool) (already bool) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	already = b.logged == version
+	if complete {
+		b.logged = version
+	}
+	return already
 }
 
 // ackedBy returns the bundle version node last ACKed, "" if none.

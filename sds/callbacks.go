@@ -163,9 +163,6 @@ func (c callbacks) request(id int64, claimed *core.Node, typeURL string, names [
 		}
 	}
 	if nonce != "" {
-		if nack == nil {
-			s.rollout.ack(id, st.node.rec.ID, nonce)
-		}
 		for i, p := range st.pending {
 			if p.nonce == nonce {
 				if nack == nil && p.cs != nil {
@@ -206,7 +203,6 @@ func (c callbacks) closed(id int64) {
 	s.mu.Lock()
 	st := s.streams[id]
 	delete(s.streams, id)
-	s.rollout.closed(id)
 	if st != nil && st.node != nil {
 		st.node.conns.remove(st.peer)
 		s.seenClosed(st.node)
@@ -267,7 +263,6 @@ func (c callbacks) sent(id int64, nonce string, anys []*anypb.Any) {
 	if st == nil || st.node == nil {
 		return
 	}
-	c.s.rollout.sentResources(id, nonce, anys, c.s.rootCA.Load())
 	cur := st.node.cur.Load()
 	p := sentCert{nonce: nonce}
 	for _, a := range anys {

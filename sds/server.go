@@ -119,8 +119,6 @@ type Server struct {
 	revokerCRLFailedAt atomic.Int64
 	lim                *limitState // connection, stream and log limits (limits.go)
 
-	// rollout follows which roots each Envoy ACKed (trustrollout.go).
-	rollout *trustRollout
 
 	mu      sync.Mutex
 	streams map[int64]*streamState
@@ -262,7 +260,6 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 		streams: make(map[int64]*streamState),
 		live:    make(map[string]*liveNode),
 		draw:    newSpreader(),
-		rollout: newTrustRollout(),
 		bundles: newBundleAcks(),
 	}
 	s.lim = newLimitState(s)
@@ -524,7 +521,6 @@ func (s *Server) sweepIdle(grace time.Duration) int {
 	for _, ln := range drop {
 		s.sched.unschedule(ln)
 		s.cache.removeNode(ln.rec.ID)
-		s.rollout.forget(ln.rec.ID)
 		s.bundles.forget(ln.rec.ID)
 	}
 	if len(drop) > 0 {
