@@ -119,7 +119,6 @@ type Server struct {
 	revokerCRLFailedAt atomic.Int64
 	lim                *limitState // connection, stream and log limits (limits.go)
 
-
 	mu      sync.Mutex
 	streams map[int64]*streamState
 	live    map[string]*liveNode
